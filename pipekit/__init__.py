@@ -5,6 +5,8 @@ The public surface is re-exported here; implementation modules are private.
 
 from __future__ import annotations
 
+from pipekit._work import DROP
+from pipekit.config import Config
 from pipekit.errors import (
     ConfigError,
     ItemTimeoutError,
@@ -19,6 +21,8 @@ from pipekit.errors import (
     SubmitTimeoutError,
     WorkerLostError,
 )
+from pipekit.pipeline import Pipeline, Run
+from pipekit.retry import Retry
 from pipekit.stats import (
     DeadLetter,
     LatencySummary,
@@ -32,6 +36,8 @@ from pipekit.stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DROP",
+    "Config",
     "ConfigError",
     "DeadLetter",
     "ItemTimeoutError",
@@ -39,12 +45,15 @@ __all__ = [
     "MissingExtraError",
     "NotPicklableError",
     "PipekitError",
+    "Pipeline",
     "PipelineClosedError",
     "PipelineStateError",
     "PipelineStats",
     "ProfilerBusyError",
     "ProfilerError",
     "QueueFullError",
+    "Retry",
+    "Run",
     "RunReport",
     "ScaleEvent",
     "StageStats",
