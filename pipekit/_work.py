@@ -8,6 +8,7 @@ retry machinery only for an item that raised.
 
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import threading
@@ -118,9 +119,21 @@ def make_runner(work: StageWork, *, alarm: bool) -> Callable[..., BatchResult | 
         return BatchResult(outputs, out_ctxs, failures, succeeded, dropped, retries,
                            timed_out, perf() - t0, cpu() - c0, done)
 
+    fast = _fast_runner(fn, policy, fanout, finish)
     if timeout is None and enter is None:
-        return _fast_runner(fn, policy, fanout, finish)
-    return _careful_runner(work, alarm, finish)
+        return fast
+    careful = _careful_runner(work, alarm, finish)
+    if timeout is not None:
+        return careful
+
+    def run(items: list[Any], ctxs: list[Any] | None, attempts: list[int] | None,
+            progress: Progress | None = None) -> BatchResult | None:
+        # contexts travel only with traced items: most batches take the fast loop
+        if ctxs is None:
+            return fast(items, ctxs, attempts, progress)
+        return careful(items, ctxs, attempts, progress)
+
+    return run
 
 
 def _fast_runner(fn: Callable[[Any], Any], policy: Retry, fanout: bool,
@@ -218,6 +231,11 @@ def _careful_runner(work: StageWork, alarm: bool,
                         raise _Gone
                     p.attempt += 1
                     p.started = perf()
+                try:
+                    return fn(x)
+                finally:
+                    # the wait before a retry is not part of a call's time
+                    p.started = math.inf
             elif timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
                 try:
@@ -266,6 +284,7 @@ def _careful_runner(work: StageWork, alarm: bool,
                     if p.out_ctxs is not None and tmp:
                         p.out_ctxs.extend([ctx] * len(tmp))
                 p.done = i + 1
+                p.attempt = 0  # attempts are counted per item
         with p.lock:
             if p.abandoned:
                 return None

@@ -415,13 +415,16 @@ class Run:
         self._started_at = 0.0
         self._last_progress = 0.0
         self.ops_url: str | None = None
-        self._extensions: list[Any] = []  # telemetry, resources, ops, profiler, autoscaler
+        self._ext: dict[str, Any] = {}  # telemetry, resources, ops, profiler, autoscaler
+        self._dead_hooks: list[Callable[[DeadLetter], Any]] = []
+        self._enter_factory: Callable[[str], Callable[[Any], Any]] | None = None
+        self._wire: tuple[Callable[[list[Any]], list[Any]],
+                          Callable[[list[Any] | None], list[Any] | None]] | None = None
         self._gate: Any = None  # the memory gate, when a limit is set
         specs = pipeline._specs
         self._inboxes = [Channel(cfg.buffer_size) for _ in specs]
         self._out = Channel(cfg.buffer_size)
         self._first_capture: Callable[[], Any] | None = None
-        self._enter: Callable[[Any], Any] | None = None
         self._observer: Any = None
         self._runners: list[StageRunner] = []
 
@@ -437,7 +440,10 @@ class Run:
             next_name = specs[i + 1].name if i + 1 < len(specs) else "sink"
             self._runners.append(StageRunner(
                 spec, self._inboxes[i], nxt.put_chunk, self._on_dead,
-                linger=self._cfg.batch_linger, enter=self._enter, observer=self._observer,
+                linger=self._cfg.batch_linger,
+                enter=self._enter_factory(spec.name) if self._enter_factory else None,
+                wire=self._wire if spec.executor != "thread" else None,
+                observer=self._observer,
                 on_finished=self._stage_finished, next_name=next_name))
         for r in self._runners:
             r.start()
@@ -654,6 +660,10 @@ class Run:
     # -- dead letters --------------------------------------------------------------------
 
     def _on_dead(self, letter: DeadLetter) -> None:
+        if self._dead_hooks:
+            from pipekit import _extensions
+
+            _extensions.on_dead(self, letter)
         with self._dead_lock:
             self._dead_count += 1
             if self._keep_dead:

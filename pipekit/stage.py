@@ -105,6 +105,8 @@ class StageRunner:
                  clock: Callable[[], float] = time.monotonic,
                  enter: Callable[[Any], Any] | None = None, observer: Any = None,
                  on_finished: Callable[[StageRunner], None] | None = None,
+                 wire: tuple[Callable[[list[Any]], list[Any]],
+                             Callable[[list[Any] | None], list[Any] | None]] | None = None,
                  next_name: str = "sink") -> None:
         self.spec = spec
         self.name = spec.name
@@ -116,8 +118,9 @@ class StageRunner:
         self._observer = observer
         self._on_finished = on_finished
         self._next_name = next_name
+        self._wire = wire
         work = StageWork(fn=spec.fn, retry=spec.retry, timeout=spec.timeout,
-                         fanout=spec.fanout, enter=enter if spec.executor == "thread" else None)
+                         fanout=spec.fanout, enter=enter)
         self.pool: StagePool = make_pool(spec.executor, spec.name, work, spec.max_workers,
                                          spec.options)
         self._watch = spec.timeout is not None and self.pool.watch_progress
@@ -249,6 +252,8 @@ class StageRunner:
             if chunk is None or not chunk.items:
                 return 0.0 if self._ready else sleep
             self._submit(chunk)
+            if self._watch:  # the watchdog must tick while the new batch runs
+                sleep = min(0.05, self.spec.timeout or 0.05)
         return sleep
 
     def _cap(self) -> int:
@@ -267,7 +272,10 @@ class StageRunner:
         flight = _Flight(seq, path, chunk, self._clock(), progress, self.pool.generation)
         self._flights.add(flight)
         self._in_flight_items += len(chunk.items)
-        fut = self.pool.submit(chunk.items, chunk.ctxs, chunk.attempts, progress)
+        ctxs = chunk.ctxs
+        if ctxs is not None and self._wire is not None:
+            ctxs = self._wire[0](ctxs)  # contexts cross to processes as traceparent
+        fut = self.pool.submit(chunk.items, ctxs, chunk.attempts, progress)
         flight.future = fut
         done_q, wake = self._done, self._wake
 
@@ -373,6 +381,8 @@ class StageRunner:
         result = fut.result()
         if result is None:  # an abandoned thread batch returned late: already handled
             return
+        if result.out_ctxs is not None and self._wire is not None:
+            result.out_ctxs = self._wire[1](result.out_ctxs)
         self._account(flight, result)
 
     def _account(self, flight: _Flight, r: BatchResult) -> None:
@@ -399,7 +409,8 @@ class StageRunner:
         del chunk
         if self._observer is not None:
             try:
-                self._observer.on_batch(self, r)
+                self._observer.on_batch(self, r, flight.started - flight.chunk.enqueued,
+                                        flight.started, flight.chunk.ctxs)
             except Exception:  # telemetry never breaks the pipeline
                 log.debug("telemetry observer failed", exc_info=True)
         self._part_done(flight, r.outputs, r.out_ctxs)
