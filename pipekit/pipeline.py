@@ -120,12 +120,11 @@ class Pipeline:
         self.name = _check_name("pipeline", name)
         if config is None:
             config = Config.load(**settings)
+        elif not isinstance(config, Config):
+            raise ConfigError(f"config must be a pipekit.Config (got {type(config).__name__}); "
+                              f"build one with pipekit.Config.load()")
         elif settings:
-            import dataclasses
-
-            config = dataclasses.replace(config, **settings)
-        if not isinstance(config, Config):
-            raise ConfigError(f"config must be a pipekit.Config (got {type(config).__name__})")
+            config = config.replace(**settings)
         self.config = config
         self.ordered = config.ordered if ordered is None else bool(ordered)
         self.telemetry = config.telemetry_enabled if telemetry is None else bool(telemetry)
