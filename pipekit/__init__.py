@@ -35,6 +35,12 @@ from pipekit.stats import (
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# A library only ever adds a NullHandler; the application decides where logs go.
+_logging.getLogger("pipekit").addHandler(_logging.NullHandler())
+del _logging
+
 __all__ = [
     "DROP",
     "Config",
