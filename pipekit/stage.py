@@ -72,7 +72,7 @@ class StageSpec:
 class _Flight:
     """One batch in flight (or one part of a batch that was split)."""
 
-    __slots__ = ("chunk", "future", "gen", "path", "progress", "seq", "started")
+    __slots__ = ("alone", "chunk", "future", "gen", "path", "progress", "seq", "started")
 
     def __init__(self, seq: int, path: tuple[int, ...], chunk: Chunk, started: float,
                  progress: Progress | None, gen: int) -> None:
@@ -82,6 +82,7 @@ class _Flight:
         self.started = started
         self.progress = progress
         self.gen = gen
+        self.alone = False  # ran with nothing beside it (after a worker loss)
         self.future: Future[BatchResult | None] | None = None
 
 
@@ -131,6 +132,10 @@ class StageRunner:
         inbox.set_listener(self._wake)
         self._done: queue.SimpleQueue[_Flight] = queue.SimpleQueue()
         self._flights: set[_Flight] = set()
+        # After a worker process died: batches that were in flight with the one that
+        # killed it, each to run again on its own so only the culprit is blamed.
+        self._suspects: deque[_Flight] = deque()
+        self._isolated: _Flight | None = None
         self._in_flight_items = 0
         self._seq = 0
         self._outstanding: dict[int, int] = {}
@@ -142,7 +147,7 @@ class StageRunner:
         self._seq_keys: dict[int, set[Hashable]] = {}
         self._held: dict[Hashable, deque[tuple[Any, Any, int]]] = {}
         self._held_count = 0
-        self._ready: deque[tuple[Hashable, Any, Any, int]] = deque()
+        self._ready: deque[tuple[Hashable, deque[tuple[Any, Any, int]]]] = deque()
         # counters (written by the dispatcher thread only)
         self.received = self.succeeded = self.emitted = self.dropped = 0
         self.failed = self.retried = self.timed_out = self.workers_lost = 0
@@ -228,6 +233,7 @@ class StageRunner:
 
     def _finished(self) -> bool:
         return (self.inbox.closed and not self.inbox.depth and not self._flights
+                and not self._suspects
                 and not self._held_count and not self._ready)
 
     def _dispatch_some(self) -> float | None:
@@ -235,8 +241,16 @@ class StageRunner:
         sleep: float | None = None
         if self._watch and self._flights:
             sleep = min(0.05, self.spec.timeout or 0.05)
+        if self._suspects or self._isolated is not None:
+            if not self._flights and self._suspects:  # nothing else runs beside a suspect
+                suspect = self._suspects.popleft()
+                self._submit(suspect.chunk, suspect.seq, suspect.path)
+                self._isolated = next(f for f in self._flights if f.seq == suspect.seq
+                                      and f.path == suspect.path)
+                self._isolated.alone = True
+            return sleep
         while len(self._flights) < self.workers:
-            depth = self.inbox.depth + len(self._ready)
+            depth = self.inbox.depth + self._ready_count()
             if not depth:
                 return sleep
             cap = self._cap()
@@ -298,10 +312,13 @@ class StageRunner:
         assert key is not None
         ready = self._ready
         while ready and len(items) < n:
-            k, x, c, a = ready.popleft()
-            items.append(x)
-            ctxs.append(c)
-            attempts.append(a)
+            # a released key's held items go out together, so no later batch can take
+            # one of them while the key is in flight again
+            k, group = ready.popleft()
+            for x, c, a in group:
+                items.append(x)
+                ctxs.append(c)
+                attempts.append(a)
             keys.add(k)
         if not ready and len(items) < n and self._held_count < self.inbox.capacity:
             chunk = self.inbox.get_batch(n - len(items))
@@ -328,12 +345,26 @@ class StageRunner:
                         keys.add(k)
         if not items:
             return None
+        if ready:
+            # Items of a key this batch now holds must wait for it, in order (the
+            # inbox is not read while ``ready`` has items, so ``held`` has none of them).
+            for _ in range(len(ready)):
+                entry = ready.popleft()
+                if entry[0] in keys:
+                    held.setdefault(entry[0], deque()).append(entry[1:])
+                    self._held_count += 1
+                    self.received += 1
+                else:
+                    ready.append(entry)
         for k in keys:
             busy[k] = busy.get(k, 0) + 1
         self._seq_keys[self._seq] = keys
         has_ctx = any(c is not None for c in ctxs)
         has_att = any(attempts)
         return Chunk(items, ctxs if has_ctx else None, attempts if has_att else None)
+
+    def _ready_count(self) -> int:
+        return sum(len(g) for _, g in self._ready) if self._ready else 0
 
     def _release_keys(self, seq: int) -> None:
         keys = self._seq_keys.pop(seq, None)
@@ -350,7 +381,7 @@ class StageRunner:
             if waiting:
                 self._held_count -= len(waiting)
                 self.received -= len(waiting)  # they are counted again when submitted
-                self._ready.extend((k, x, c, a) for x, c, a in waiting)
+                self._ready.append((k, waiting))
 
     # -- completions ---------------------------------------------------------------
 
@@ -368,6 +399,8 @@ class StageRunner:
 
     def _complete(self, flight: _Flight) -> None:
         self._flights.discard(flight)
+        if flight is self._isolated:
+            self._isolated = None
         self._in_flight_items -= len(flight.chunk.items)
         fut = flight.future
         assert fut is not None
@@ -505,15 +538,29 @@ class StageRunner:
         self._submit(b, flight.seq, (*flight.path, 1))
 
     def _worker_lost(self, flight: _Flight, exc: BaseException) -> None:
-        """A worker process died: rebuild the pool, split the batch to find the culprit."""
-        self.workers_lost += 1
+        """A worker process died: rebuild the pool, then find the culprit.
+
+        Every batch in flight in the pool breaks with it, so a batch is blamed only when
+        it broke the pool while running alone: the others run again, one at a time, and
+        a blamed batch is split until the item that kills its worker is found.
+        """
+        if flight.gen == self.pool.generation:
+            self.workers_lost += 1
         self.pool.rebuild(flight.gen)
         chunk = flight.chunk
         if self._abort:
             self._left_in_flight(flight)
             return
+        if not flight.alone:
+            self._suspects.append(flight)
+            return
         if len(chunk.items) > 1:
-            self._split(flight, bump=False)
+            half = (len(chunk.items) + 1) // 2
+            a, b = chunk.split(half)
+            self._outstanding[flight.seq] += 1
+            for part, step in ((a, 0), (b, 1)):
+                self._suspects.append(_Flight(flight.seq, (*flight.path, step), part,
+                                              flight.started, None, flight.gen))
             return
         attempts = (chunk.attempts[0] if chunk.attempts else 0) + 1
         if attempts >= max(2, self.spec.retry.attempts):
@@ -525,7 +572,9 @@ class StageRunner:
             self._part_done(flight, [], None)
             return
         self.retried += 1
-        self._submit(Chunk(chunk.items, chunk.ctxs, [attempts]), flight.seq, flight.path)
+        self._suspects.append(_Flight(flight.seq, flight.path,
+                                      Chunk(chunk.items, chunk.ctxs, [attempts]),
+                                      flight.started, None, flight.gen))
 
     # -- timeouts --------------------------------------------------------------------
 
@@ -608,8 +657,13 @@ class StageRunner:
                     continue
             self._left_in_flight(flight)
         self._flights.clear()
-        for _, x, _c, _a in self._ready:
-            self._unprocessed.append(Unprocessed(self.name, x, "queued"))
+        for flight in self._suspects:
+            self._left_in_flight(flight)
+        self._suspects.clear()
+        self._isolated = None
+        for _, group in self._ready:
+            for x, _c, _a in group:
+                self._unprocessed.append(Unprocessed(self.name, x, "queued"))
         self._ready.clear()
         for waiting in self._held.values():
             for x, _c, _a in waiting:
@@ -677,7 +731,8 @@ class StageRunner:
         cap = self.inbox.capacity
         return StageStats(
             name=self.name, executor=self.spec.executor,
-            queue_depth=self.inbox.depth + self._held_count + len(self._ready),
+            queue_depth=self.inbox.depth + self._held_count + len(self._ready)
+            + sum(len(f.chunk.items) for f in list(self._suspects)),
             queue_capacity=cap, queue_peak=self.inbox.statistics().peak,
             in_flight=max(0, self._in_flight_items), workers=self.workers,
             desired_workers=self.desired_workers, min_workers=self.spec.min_workers,
