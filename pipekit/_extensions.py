@@ -54,11 +54,103 @@ def before_start(run: Run) -> None:
             if cfg.max_memory_mb:
                 limits["memory"] = float(cfg.max_memory_mb) * 1024 * 1024
             tel.watch_resources(monitor, gate, limits)
+    if cfg.profiling_enabled or cfg.ops_enabled or cfg.profiling_signal:
+        profiler(run)  # an unwritable profile folder is reported now, not at shutdown
     if cfg.max_open_files and cfg.source_of("max_open_files") != "default":
         # Process-wide state: changed only when the operator asked for it.
         from pipekit import resources
 
         ext["rlimit"] = resources.apply_open_files_limit(cfg.max_open_files)
+
+
+def profiler(run: Run) -> Any:
+    """The run's profiler, created on first use (checks the profile folder)."""
+    prof = run._ext.get("profiler")
+    if prof is None:
+        from pipekit.profiling import Profiler, ProfileStore
+
+        cfg = run._cfg
+        store = ProfileStore(cfg.profiling_dir, retain_count=cfg.profiling_retain_count,
+                             retain_mb=cfg.profiling_retain_mb)
+        store.check_writable()
+        prof = Profiler(store, pipeline=run.name, rate=cfg.profiling_rate,
+                        max_seconds=cfg.profiling_max_seconds,
+                        stats_provider=lambda: [_stage_dict(s) for s in run.stats().stages])
+        run._ext["profiler"] = prof
+    return prof
+
+
+def _stage_dict(s: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(s)
+
+
+def _start_profiles(run: Run) -> None:
+    cfg = run._cfg
+    if cfg.profiling_enabled:
+        try:
+            profiler(run).start_run_profiles(cfg.profiling_kinds)
+        except Exception as exc:  # the pipeline keeps running without them
+            run._ext["profile_error"] = str(exc)
+            log.error("whole-run profiling could not start: %s", exc,
+                      extra={"pipekit": {"event": "profiling_failed", "pipeline": run.name}})
+    if cfg.profiling_signal:
+        _install_profile_signal(run, cfg.profiling_signal)
+
+
+#: How long a profile asked for by signal runs (bounded by profiling_max_seconds).
+SIGNAL_PROFILE_SECONDS = 30.0
+
+
+def _install_profile_signal(run: Run, name: str) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("profiling_signal=%s ignored: signals can only be handled from the main "
+                    "thread; start the pipeline from the main thread", name)
+        return
+    sig = getattr(signal, name)
+    seconds = min(SIGNAL_PROFILE_SECONDS, run._cfg.profiling_max_seconds)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        profiler(run).spawn("cpu", seconds, trigger="signal")
+
+    run._ext["profile_signal"] = (sig, signal.signal(sig, on_signal))
+
+
+def _stop_profiles(run: Run, timeout: float) -> None:
+    prev = run._ext.pop("profile_signal", None)
+    if prev is not None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(prev[0], prev[1])
+    prof = run._ext.get("profiler")
+    if prof is not None:
+        try:
+            prof.close(timeout=max(1.0, timeout))
+        except Exception as exc:
+            log.error("profiles could not be finished: %s", exc)
+
+
+def after_report(run: Run, report: Any) -> None:
+    """Write the run report (report.html) next to the profiles, when profiling is on."""
+    prof = run._ext.get("profiler")
+    if prof is None or not run._cfg.profiling_enabled:
+        return
+    from pipekit.profiling import write_report
+
+    try:
+        data = report.to_dict()
+        st = run.stats()
+        if st.bottleneck:
+            data["bottleneck"] = {"stage": st.bottleneck, "reason": st.bottleneck_reason}
+        write_report(prof.store.report_path(run.name), data, prof.records())
+    except Exception as exc:
+        log.error("run report could not be written: %s", exc)
 
 
 def _on_gate(run: Run, paused: bool, reason: str) -> None:
@@ -73,6 +165,7 @@ def after_start(run: Run) -> None:
     monitor = run._ext.get("monitor")
     if monitor is not None:
         monitor.start()
+    _start_profiles(run)
 
 
 def on_dead(run: Run, letter: DeadLetter) -> None:
@@ -91,8 +184,9 @@ def before_drain(run: Run) -> None:
         gate.close()
 
 
-def after_stop(run: Run) -> None:
-    """After stages stopped and hooks ran: stop monitors, restore process limits."""
+def after_stop(run: Run, time_left: float = 30.0) -> None:
+    """After stages stopped and hooks ran: finish profiles, stop monitors, restore limits."""
+    _stop_profiles(run, time_left)
     monitor = run._ext.get("monitor")
     if monitor is not None:
         monitor.stop(2.0)
@@ -113,5 +207,11 @@ def scale_events(run: Run) -> tuple[ScaleEvent, ...]:
 
 
 def profiles(run: Run) -> tuple[str, ...]:
-    """Paths of the profiles written for the run."""
-    return ()
+    """Paths of the profiles written for the run (and its report.html, when written)."""
+    prof = run._ext.get("profiler")
+    if prof is None:
+        return ()
+    paths = [str(p) for r in prof.records() for p in r.files.values()]
+    if run._cfg.profiling_enabled:
+        paths.append(str(prof.store.report_path(run.name)))
+    return tuple(paths)

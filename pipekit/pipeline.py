@@ -706,6 +706,40 @@ class Run:
         """Items accepted and not yet finished (queued, in flight, or waiting to be read)."""
         return self._submitted - self._outputs - self._dead_count
 
+    # -- profiling -----------------------------------------------------------------------
+
+    def profile_cpu(self, seconds: float, *, rate: int | None = None) -> Any:
+        """Take a CPU profile (py-spy) of the running process for ``seconds``; blocks.
+
+        Returns:
+            A ``pipekit.profiling.ProfileRecord`` whose ``files`` maps ``speedscope``
+            and ``svg`` to the written paths.
+
+        Raises:
+            ProfilerBusyError: another CPU profile is running.
+            ProfilerError: py-spy is missing or may not attach (the message says why).
+            ConfigError: ``seconds`` or ``rate`` out of range.
+        """
+        from pipekit import _extensions
+
+        return _extensions.profiler(self).cpu(seconds, rate=rate, trigger="api")
+
+    def profile_heap(self, seconds: float) -> Any:
+        """Take a heap profile (memray) of the running process for ``seconds``; blocks.
+
+        Returns:
+            A ``ProfileRecord`` with the ``bin`` capture, ``html`` flame graph and
+            ``summary`` JSON.
+
+        Raises:
+            ProfilerBusyError: another heap profile is running.
+            MissingExtraError: memray is not installed (``pipekit[profiling]``).
+            ConfigError: ``seconds`` out of range.
+        """
+        from pipekit import _extensions
+
+        return _extensions.profiler(self).heap(seconds, trigger="api")
+
     # -- shutdown ------------------------------------------------------------------------
 
     def wait(self, *, duration: float | None = None) -> RunReport:
@@ -775,7 +809,7 @@ class Run:
         for r in self._runners:
             r.pool.shutdown(wait=not aborted, timeout=max(0.0, deadline - self._clock()))
         self._run_hooks(deadline)
-        _extensions.after_stop(self)
+        _extensions.after_stop(self, deadline - self._clock())
         self._restore_signals()
         self._state = "stopped"
         if not self._reason:
@@ -784,6 +818,7 @@ class Run:
         if aborted and self._reason == "signal":
             self._reason = "deadline"
         self._report = self._build_report()
+        _extensions.after_report(self, self._report)
         log.info("pipeline stopped", extra={"pipekit": {
             "event": "stopped", "pipeline": self.name, "reason": self._report.reason,
             "outputs": self._report.outputs, "dead_letters": self._report.dead_letter_count,
