@@ -166,6 +166,24 @@ def after_start(run: Run) -> None:
     if monitor is not None:
         monitor.start()
     _start_profiles(run)
+    if run._cfg.ops_enabled:
+        _start_ops(run)
+
+
+def _start_ops(run: Run) -> None:
+    from pipekit._ops_backend import RunBackend
+    from pipekit.ops import OpsServer
+
+    cfg = run._cfg
+    server = OpsServer(RunBackend(run, liveness_timeout=cfg.liveness_timeout),
+                       host=cfg.ops_host, port=cfg.ops_port, token=cfg.ops_token,
+                       max_profile_seconds=cfg.profiling_max_seconds)
+    server.start()
+    run._ext["ops"] = server
+    run.ops_url = server.url
+    log.info("ops server listening on %s", server.url,
+             extra={"pipekit": {"event": "ops_started", "pipeline": run.name,
+                                "url": server.url}})
 
 
 def on_dead(run: Run, letter: DeadLetter) -> None:
@@ -187,6 +205,9 @@ def before_drain(run: Run) -> None:
 def after_stop(run: Run, time_left: float = 30.0) -> None:
     """After stages stopped and hooks ran: finish profiles, stop monitors, restore limits."""
     _stop_profiles(run, time_left)
+    server = run._ext.pop("ops", None)
+    if server is not None:
+        server.stop(2.0)
     monitor = run._ext.get("monitor")
     if monitor is not None:
         monitor.stop(2.0)

@@ -453,7 +453,18 @@ class Run:
         self._started_at = self._last_progress = self._clock()
         if handle_signals:
             self._install_signals()
-        _extensions.after_start(self)
+        try:
+            _extensions.after_start(self)
+        except BaseException:
+            # e.g. the ops port is taken: stop what already runs, then report the error
+            self._stopping.set()
+            self._abort()
+            for r in self._runners:
+                r.pool.shutdown(wait=False, timeout=1.0)
+            _extensions.after_stop(self, 2.0)
+            self._restore_signals()
+            self._state = "stopped"
+            raise
         self._state = "running"
         log.info("pipeline started", extra={"pipekit": {
             "event": "started", "pipeline": self.name,
