@@ -166,8 +166,50 @@ def after_start(run: Run) -> None:
     if monitor is not None:
         monitor.start()
     _start_profiles(run)
+    _start_autoscaler(run)
     if run._cfg.ops_enabled:
         _start_ops(run)
+
+
+def _start_autoscaler(run: Run) -> None:
+    """Scale the stages declared with a (min, max) range; name the bottleneck."""
+    specs = run.pipeline._specs
+    policies = {s.name: s.autoscale for s in specs if s.autoscale is not None}
+    if not policies and not run.pipeline.telemetry:
+        return
+    from pipekit.autoscale import AutoscaleController
+
+    runners = {r.name: r for r in run._runners}
+    monitor = run._ext.get("monitor")
+    gate = run._gate
+    tel = run._ext.get("telemetry")
+    ctl = AutoscaleController(
+        policies, sample=lambda: _samples(run), apply=lambda name, n: runners[name].set_workers(n),
+        pipeline=run.name, interval=run._cfg.autoscale_interval,
+        cpu_percent=(lambda: monitor.latest.cpu_percent if monitor.latest else None)
+        if monitor is not None else None,
+        intake_paused=(lambda: bool(gate.paused)) if gate is not None else None,
+        max_cpu_percent=run._cfg.max_cpu_percent,
+        on_decision=tel.on_decision if tel is not None else None,
+    )
+    run._ext["autoscaler"] = ctl
+    ctl.start()
+
+
+def _samples(run: Run) -> list[Any]:
+    from pipekit.autoscale import StageSample
+
+    out = []
+    runners = run._runners
+    for i, r in enumerate(runners):
+        nxt = run._inboxes[i + 1] if i + 1 < len(runners) else run._out
+        out.append(StageSample(
+            stage=r.name, now=run._clock(), received=r.inbox.statistics().put_total,
+            completed=r.succeeded + r.failed, busy_seconds=r.busy_seconds,
+            queue_depth=r.inbox.depth, queue_capacity=r.inbox.capacity,
+            in_flight=max(0, r._in_flight_items), workers=r.workers,
+            downstream_full=nxt.full))
+    return out
 
 
 def _start_ops(run: Run) -> None:
@@ -204,6 +246,9 @@ def before_drain(run: Run) -> None:
 
 def after_stop(run: Run, time_left: float = 30.0) -> None:
     """After stages stopped and hooks ran: finish profiles, stop monitors, restore limits."""
+    ctl = run._ext.get("autoscaler")
+    if ctl is not None:
+        ctl.stop(2.0)
     _stop_profiles(run, time_left)
     server = run._ext.pop("ops", None)
     if server is not None:
@@ -219,12 +264,18 @@ def after_stop(run: Run, time_left: float = 30.0) -> None:
 
 def stats_extra(run: Run, stages: tuple[StageStats, ...]) -> dict[str, Any]:
     """Extra fields of ``PipelineStats`` (bottleneck, last decisions)."""
-    return {}
+    ctl = run._ext.get("autoscaler")
+    if ctl is None:
+        return {}
+    b = ctl.bottleneck()
+    return {"bottleneck": b.stage, "bottleneck_reason": b.reason,
+            "bottleneck_gain": b.estimate, "last_decisions": tuple(ctl.events())[-20:]}
 
 
 def scale_events(run: Run) -> tuple[ScaleEvent, ...]:
-    """Every autoscaler decision of the run."""
-    return ()
+    """Every autoscaler decision of the run that changed a worker count."""
+    ctl = run._ext.get("autoscaler")
+    return tuple(ctl.changes()) if ctl is not None else ()
 
 
 def profiles(run: Run) -> tuple[str, ...]:

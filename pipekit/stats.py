@@ -121,6 +121,7 @@ class PipelineStats:
         paused_reason: why intake is paused, or ``""``.
         bottleneck: the stage that limits throughput now, or ``""``.
         bottleneck_reason: ``"busy"``, ``"starved"`` or ``"blocked downstream"``, or ``""``.
+        bottleneck_gain: items/s one more worker at the bottleneck would add (estimate).
         last_decisions: the most recent autoscaler decisions.
     """
 
@@ -134,6 +135,7 @@ class PipelineStats:
     paused_reason: str = ""
     bottleneck: str = ""
     bottleneck_reason: str = ""
+    bottleneck_gain: float = 0.0
     last_decisions: tuple[ScaleEvent, ...] = ()
 
     def stage(self, name: str) -> StageStats:
