@@ -43,7 +43,7 @@ def before_start(run: Run) -> None:
         if cfg.max_memory_mb:
             interval = min(interval, 1.0)  # a memory limit needs a quick eye
         monitor = resources.ResourceMonitor(resources.ResourceSampler(), gate, interval,
-                                            cpu_limit_percent=cfg.max_cpu_percent)
+                                            )
         ext["monitor"] = monitor
         if cfg.max_memory_mb:
             run._gate = gate
@@ -186,7 +186,8 @@ def _start_autoscaler(run: Run) -> None:
     ctl = AutoscaleController(
         policies, sample=lambda: _samples(run), apply=lambda name, n: runners[name].set_workers(n),
         pipeline=run.name, interval=run._cfg.autoscale_interval,
-        cpu_percent=(lambda: monitor.latest.cpu_percent if monitor.latest else None)
+        # percent of all available CPUs, the unit of max_cpu_percent
+        cpu_percent=(lambda: monitor.latest.cpu_utilization * 100 if monitor.latest else None)
         if monitor is not None else None,
         intake_paused=(lambda: bool(gate.paused)) if gate is not None else None,
         max_cpu_percent=run._cfg.max_cpu_percent,

@@ -57,7 +57,6 @@ _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # "ms" must be tried before "s" and "m": "500ms" also ends with "s".
 _DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
 _UNUSABLE_SIGNALS = frozenset({"SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM"})
-_CPU_PERCENT_MAX = 100 * (os.cpu_count() or 1)
 _SHOWN_MAX = 60
 _MASK = "***"
 _PROFILE_DIR = Path("profiles")
@@ -535,8 +534,9 @@ class Config:
         "intake resumes below this fraction of max_memory_mb", 0.9,
     )
     max_cpu_percent: float = _setting(
-        _float_rule(1.0, _CPU_PERCENT_MAX, example="80"),
-        "process CPU percent (100 per core) the autoscaler treats as the limit", 80.0,
+        _float_rule(1.0, 100.0, example="80"),
+        "process CPU, in percent of all available CPUs, above which the autoscaler adds no "
+        "workers", 80.0,
     )
     max_open_files: int | None = _setting(
         _int_rule(1, optional=True, example="1000"),
