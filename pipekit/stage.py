@@ -44,6 +44,8 @@ log = logging.getLogger("pipekit.stage")
 
 # A batch should take about this long, so slow items make small batches.
 _TARGET_BATCH_SECONDS = 0.05
+# The largest batch before the stage has measured how long its items take.
+_FIRST_BATCH = 8
 # Latency buckets (seconds) for the local per-item service-time histogram.
 _BOUNDS = tuple(1e-6 * 10 ** (k / 8) for k in range(8 * 8))  # 1 µs .. ~100 s
 
@@ -148,6 +150,8 @@ class StageRunner:
         self._held: dict[Hashable, deque[tuple[Any, Any, int]]] = {}
         self._held_count = 0
         self._ready: deque[tuple[Hashable, deque[tuple[Any, Any, int]]]] = deque()
+        # ordered keyed stages: items held back in arrival order, (key, item, ctx, attempts)
+        self._blocked: deque[tuple[Hashable, Any, Any, int]] = deque()
         # counters (written by the dispatcher thread only)
         self.received = self.succeeded = self.emitted = self.dropped = 0
         self.failed = self.retried = self.timed_out = self.workers_lost = 0
@@ -244,17 +248,16 @@ class StageRunner:
         if self._suspects or self._isolated is not None:
             if not self._flights and self._suspects:  # nothing else runs beside a suspect
                 suspect = self._suspects.popleft()
-                self._submit(suspect.chunk, suspect.seq, suspect.path)
-                self._isolated = next(f for f in self._flights if f.seq == suspect.seq
-                                      and f.path == suspect.path)
+                self._isolated = self._submit(suspect.chunk, suspect.seq, suspect.path)
                 self._isolated.alone = True
             return sleep
         while len(self._flights) < self.workers:
-            depth = self.inbox.depth + self._ready_count()
+            depth = self.inbox.depth + self._ready_count() + len(self._blocked)
             if not depth:
                 return sleep
             cap = self._cap()
-            if depth < cap and not self.inbox.closed and not self._ready:
+            if depth < cap and not self.inbox.closed and not self._ready \
+                    and not self._blocked:
                 oldest = self.inbox.oldest_enqueued()
                 if oldest is not None:
                     wait = oldest + self._linger - self._clock()
@@ -262,7 +265,12 @@ class StageRunner:
                         return wait if sleep is None else min(sleep, wait)
             idle = self.workers - len(self._flights)
             n = min(cap, max(1, math.ceil(depth / idle)))
-            chunk = self._take_keyed(n) if self._key is not None else self.inbox.get_batch(n)
+            if self._key is None:
+                chunk = self.inbox.get_batch(n)
+            elif self.spec.ordered:
+                chunk = self._take_keyed_ordered(n)
+            else:
+                chunk = self._take_keyed(n)
             if chunk is None or not chunk.items:
                 return 0.0 if self._ready else sleep
             self._submit(chunk)
@@ -272,11 +280,12 @@ class StageRunner:
 
     def _cap(self) -> int:
         per = self._per_item
-        if per <= 0:
-            return self.spec.batch_size
+        if per <= 0:  # nothing measured yet: start small, so slow items cannot hog
+            return min(self.spec.batch_size, _FIRST_BATCH)
         return max(1, min(self.spec.batch_size, int(_TARGET_BATCH_SECONDS / per)))
 
-    def _submit(self, chunk: Chunk, seq: int | None = None, path: tuple[int, ...] = ()) -> None:
+    def _submit(self, chunk: Chunk, seq: int | None = None,
+                path: tuple[int, ...] = ()) -> _Flight:
         if seq is None:
             seq = self._seq
             self._seq += 1
@@ -298,6 +307,7 @@ class StageRunner:
             wake.set()
 
         fut.add_done_callback(on_done)
+        return flight
 
     # -- keyed stages --------------------------------------------------------------
 
@@ -345,23 +355,64 @@ class StageRunner:
                         keys.add(k)
         if not items:
             return None
-        if ready:
-            # Items of a key this batch now holds must wait for it, in order (the
-            # inbox is not read while ``ready`` has items, so ``held`` has none of them).
-            for _ in range(len(ready)):
-                entry = ready.popleft()
-                if entry[0] in keys:
-                    held.setdefault(entry[0], deque()).append(entry[1:])
-                    self._held_count += 1
-                    self.received += 1
-                else:
-                    ready.append(entry)
         for k in keys:
             busy[k] = busy.get(k, 0) + 1
         self._seq_keys[self._seq] = keys
         has_ctx = any(c is not None for c in ctxs)
         has_att = any(attempts)
         return Chunk(items, ctxs if has_ctx else None, attempts if has_att else None)
+
+    def _take_keyed_ordered(self, n: int) -> Chunk | None:
+        """Form a batch for an ordered keyed stage, strictly in arrival order.
+
+        Batches leave in the order they are formed, so an item whose key is in flight
+        holds back every item behind it (head-of-line blocking) rather than let later
+        items overtake it.
+        """
+        items: list[Any] = []
+        ctxs: list[Any] = []
+        attempts: list[int] = []
+        keys: set[Hashable] = set()
+        busy, blocked, key = self._busy_keys, self._blocked, self._key
+        assert key is not None
+        while blocked and len(items) < n and blocked[0][0] not in busy:
+            k, x, c, a = blocked.popleft()
+            self._held_count -= 1
+            self.received -= 1  # counted again when submitted
+            items.append(x)
+            ctxs.append(c)
+            attempts.append(a)
+            keys.add(k)
+        if not blocked and len(items) < n:
+            chunk = self.inbox.get_batch(n - len(items))
+            if chunk is not None:
+                cl, al = chunk.ctxs, chunk.attempts
+                for i, x in enumerate(chunk.items):
+                    c = cl[i] if cl is not None else None
+                    a = al[i] if al is not None else 0
+                    try:
+                        k = key(x)
+                        hash(k)
+                    except Exception as exc:
+                        self.received += 1
+                        self._fail(x, exc, a + 1)
+                        continue
+                    if blocked or k in busy:
+                        blocked.append((k, x, c, a))
+                        self._held_count += 1
+                        self.received += 1
+                    else:
+                        items.append(x)
+                        ctxs.append(c)
+                        attempts.append(a)
+                        keys.add(k)
+        if not items:
+            return None
+        for k in keys:
+            busy[k] = busy.get(k, 0) + 1
+        self._seq_keys[self._seq] = keys
+        return Chunk(items, ctxs if any(c is not None for c in ctxs) else None,
+                     attempts if any(attempts) else None)
 
     def _ready_count(self) -> int:
         return sum(len(g) for _, g in self._ready) if self._ready else 0
@@ -669,6 +720,9 @@ class StageRunner:
             for x, _c, _a in waiting:
                 self._unprocessed.append(Unprocessed(self.name, x, "queued"))
         self._held.clear()
+        for _k, x, _c, _a in self._blocked:
+            self._unprocessed.append(Unprocessed(self.name, x, "queued"))
+        self._blocked.clear()
         self._held_count = 0
         for chunk in self.inbox.drain():
             for x in chunk.items:
