@@ -126,7 +126,8 @@ def test_instrument_names_and_units_are_exactly_the_documented_ones(providers: A
         for i in range(50):
             run.submit(i)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and run._ext["monitor"].latest is None:
+        while time.monotonic() < deadline and (run._ext["monitor"].latest is None
+                                               or run.stats().stage("a").succeeded < 50):
             time.sleep(0.02)
         pts = _points(reader)
     expected = {name: unit for name, _kind, unit, _ in telemetry.INSTRUMENTS}
