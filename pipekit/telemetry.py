@@ -66,6 +66,7 @@ INSTRUMENTS: tuple[tuple[str, str, str, str], ...] = (
     ("pipekit.stage.workers", "gauge", "{worker}", "Batches the stage may run at once."),
     ("pipekit.stage.workers.desired", "gauge", "{worker}", "What the autoscaler asked for."),
     ("pipekit.stage.workers.max", "gauge", "{worker}", "Top of the stage's scaling range."),
+    ("pipekit.stage.workers.min", "gauge", "{worker}", "Bottom of the stage's scaling range."),
     ("pipekit.stage.retries", "counter", "{retry}", "Retry attempts made."),
     ("pipekit.stage.timeouts", "counter", "{call}", "Calls that ran past the timeout."),
     ("pipekit.stage.workers.lost", "counter", "{batch}", "Batches whose worker process died."),
@@ -103,9 +104,13 @@ def _version() -> str:
 
 
 def capture() -> Any:
-    """The current trace context if it holds a valid span, else None (cheap)."""
+    """The current trace context if its span is sampled, else None (cheap).
+
+    Only sampled traces travel with items: an unsampled context would make every item
+    take the per-item path for spans that are never recorded.
+    """
     ctx = otel_context.get_current()
-    if trace.get_current_span(ctx).get_span_context().is_valid:
+    if trace.get_current_span(ctx).get_span_context().trace_flags.sampled:
         return ctx
     return None
 
@@ -301,6 +306,7 @@ class Telemetry:
             "pipekit.stage.workers": self._stage_gauge("workers"),
             "pipekit.stage.workers.desired": self._stage_gauge("desired_workers"),
             "pipekit.stage.workers.max": self._stage_gauge("max_workers"),
+            "pipekit.stage.workers.min": self._stage_gauge("min_workers"),
             "pipekit.stage.retries": self._stage_gauge("retried"),
             "pipekit.stage.timeouts": self._stage_gauge("timed_out"),
             "pipekit.stage.workers.lost": self._stage_gauge("workers_lost"),
