@@ -385,7 +385,9 @@ class ResourceSampler:
                     # takes its last interval with it (never a negative delta).
                     earlier = before.get(key)
                     used += cpu if earlier is None else max(0.0, cpu - earlier[0])
-                cpu_percent = used / (at - prev.at) * 100.0
+                # /proc counts CPU in clock ticks (10 ms) and a new child counts whole, so
+                # a short interval can read above what the CPUs could do: clamp to that.
+                cpu_percent = min(used / (at - prev.at) * 100.0, 100.0 * self._cpus)
             self._prev = _Baseline(pid, at, reading.cpu_seconds, reading.children)
             sample = ResourceSample(
                 at=at,
