@@ -327,4 +327,62 @@ def install(key: str, payload: bytes) -> None:
 def run_installed(key: str, items: list[Any], ctxs: list[Any] | None,
                   attempts: list[int] | None) -> BatchResult | None:
     """Run a batch in a worker process with the stage installed by :func:`install`."""
-    return _installed[key](items, ctxs, attempts, None)
+    result = _installed[key](items, ctxs, attempts, None)
+    if result is not None and result.failures:
+        # An error that does not survive pickling would break the whole pool when the
+        # parent unpickles the result (it looks like a dead worker): send a copy.
+        result.failures = [(i, x, _portable(err), a) for i, x, err, a in result.failures]
+    return result
+
+
+def _portable(err: BaseException) -> Any:
+    """``err``, or a stand-in that unpickles as the same exception type and message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        pass
+    else:
+        return err
+    state: dict[str, Any] = {}
+    for name, value in getattr(err, "__dict__", {}).items():
+        try:
+            pickle.dumps(value)
+        except Exception:
+            continue
+        state[name] = value
+    args: tuple[Any, ...] = err.args
+    try:
+        pickle.dumps(args)
+    except Exception:
+        args = (str(err),)
+    copy = _ErrorCopy(type(err), args, state, str(err))
+    try:
+        pickle.dumps(copy)
+    except Exception:  # the type itself cannot be imported by the parent
+        return RuntimeError(f"{type(err).__module__}.{type(err).__qualname__}: {err}")
+    return copy
+
+
+class _ErrorCopy:
+    """Pickles as the exception it copies, rebuilt without calling its ``__init__``."""
+
+    __slots__ = ("args", "cls", "state", "text")
+
+    def __init__(self, cls: type[BaseException], args: tuple[Any, ...],
+                 state: dict[str, Any], text: str) -> None:
+        self.cls, self.args, self.state, self.text = cls, args, state, text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (self.cls, self.args, self.state, self.text))
+
+
+def _rebuild_error(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any],
+                   text: str) -> BaseException:
+    try:
+        err = cls.__new__(cls)
+        err.args = args
+        if state:
+            err.__dict__.update(state)
+    except Exception:
+        return RuntimeError(f"{cls.__module__}.{cls.__qualname__}: {text}")
+    return err

@@ -23,7 +23,7 @@ import logging
 import pickle
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
@@ -121,7 +121,8 @@ class ThreadPool(Executor):
         return self._alive
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None,
+                 leave: Collection[threading.Thread] = ()) -> None:
         """Stop every thread once its current job ends.
 
         Args:
@@ -129,6 +130,7 @@ class ThreadPool(Executor):
             cancel_futures: cancel jobs not yet started.
             timeout: the longest to wait in all; threads stuck in a call are left
                 behind (they are daemon threads and cannot block exit).
+            leave: threads not to wait for (known to be stuck in an abandoned call).
         """
         import time
 
@@ -148,7 +150,7 @@ class ThreadPool(Executor):
             for _ in range(self._alive):
                 self._pending += 1
                 self._queue.put(_STOP)
-            threads = list(self._threads)
+            threads = [t for t in self._threads if t not in leave]
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             for t in threads:
@@ -162,6 +164,9 @@ class StagePool:
     kind = "thread"
     #: True when the watchdog can abandon a stuck batch and read its progress.
     watch_progress = True
+    #: About how long one batch should run: slow items make small batches. A pool whose
+    #: hand-off costs milliseconds (a cluster) asks for longer batches.
+    batch_seconds = 0.05
 
     def submit(self, items: list[Any], ctxs: list[Any] | None, attempts: list[int] | None,
                progress: Progress | None) -> Future[BatchResult | None]:
@@ -198,10 +203,23 @@ class _Threads(StagePool):
         self._pool = ThreadPool(f"pipekit-{stage}")
         self._run = make_runner(work, alarm=False)
         self._workers = 0
+        # thread -> the progress of the batch it runs (stages with a timeout only)
+        self._running: dict[threading.Thread, Progress] = {}
 
     def submit(self, items: list[Any], ctxs: list[Any] | None, attempts: list[int] | None,
                progress: Progress | None) -> Future[BatchResult | None]:
-        return self._pool.submit(self._run, items, ctxs, attempts, progress)
+        if progress is None:
+            return self._pool.submit(self._run, items, ctxs, attempts, None)
+        return self._pool.submit(self._run_watched, items, ctxs, attempts, progress)
+
+    def _run_watched(self, items: list[Any], ctxs: list[Any] | None,
+                     attempts: list[int] | None, progress: Progress) -> BatchResult | None:
+        me = threading.current_thread()
+        self._running[me] = progress
+        try:
+            return self._run(items, ctxs, attempts, progress)
+        finally:
+            del self._running[me]
 
     def resize(self, workers: int) -> None:
         if workers < self._workers:
@@ -209,7 +227,9 @@ class _Threads(StagePool):
         self._workers = workers
 
     def shutdown(self, wait: bool, timeout: float | None) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout)
+        # A thread stuck in a call that timed out was abandoned: never wait for it.
+        stuck = {t for t, p in list(self._running.items()) if p.abandoned}
+        self._pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout, leave=stuck)
 
 
 class ProcessPool(StagePool):

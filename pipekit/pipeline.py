@@ -240,8 +240,10 @@ class Pipeline:
             retry=retry or NO_RETRY,
             timeout=_seconds(f"stage {name!r}: timeout", timeout, allow_none=True),
             on_shutdown=on_shutdown, fanout=bool(fanout), autoscale=policy,
-            options={"mp_context": mp_context},
+            options={"mp_context": mp_context, "dask_address": self.config.dask_address},
         )
+        if executor == "dask":
+            import pipekit.dask  # noqa: F401  (a missing extra is reported here)
         if executor != "thread":
             _check_picklable(spec)
         self._specs.append(spec)
@@ -460,7 +462,7 @@ class Run:
             self._stopping.set()
             self._abort()
             for r in self._runners:
-                r.pool.shutdown(wait=False, timeout=1.0)
+                r.pool.shutdown(wait=False, timeout=5.0)
             _extensions.after_stop(self, 2.0)
             self._restore_signals()
             self._state = "stopped"

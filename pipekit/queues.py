@@ -219,9 +219,9 @@ class Channel:
         self._listener = event
 
     def get_batch(self, n: int) -> Chunk | None:
-        """Take up to ``n`` items without waiting; ``None`` when empty."""
+        """Take up to ``n`` items without waiting; ``None`` when empty (or ``n < 1``)."""
         with self._lock:
-            if not self._depth:
+            if not self._depth or n < 1:
                 return None
             return self._take(n)
 

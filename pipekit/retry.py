@@ -8,6 +8,7 @@ remaining attempts under a tenacity ``Retrying`` built once per policy.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -90,7 +91,7 @@ class Retry:
     def wait_for(self, retry_number: int) -> float:
         """The wait before retry number ``retry_number`` (1-based), jitter excluded."""
         assert isinstance(self.backoff, float) and isinstance(self.max_backoff, float)
-        return min(self.max_backoff, self.backoff * (2 ** (retry_number - 1)))
+        return min(self.max_backoff, self.backoff * 2.0 ** (retry_number - 1))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"attempts": self.attempts, "backoff": self.backoff,
@@ -110,18 +111,23 @@ NO_RETRY = Retry(attempts=1)
 """The policy of a stage that does not retry."""
 
 
-def _retrying(policy: Retry, sleep: Callable[[float], None]) -> tenacity.Retrying:
-    assert isinstance(policy.backoff, float) and isinstance(policy.max_backoff, float)
-    assert isinstance(policy.jitter, float) and isinstance(policy.on, tuple)
-    on = policy.on
-    wait: Any = tenacity.wait_exponential(multiplier=policy.backoff, exp_base=2,
-                                          min=policy.backoff, max=policy.max_backoff)
+def _wait(policy: Retry, retry_number: int) -> float:
+    """The wait before retry number ``retry_number`` (1-based), jitter included."""
+    assert isinstance(policy.jitter, float)
+    wait = policy.wait_for(retry_number)
     if policy.jitter:
-        wait = wait + tenacity.wait_random(0, policy.jitter)
+        wait += random.uniform(0.0, policy.jitter)
+    return wait
+
+
+def _retrying(policy: Retry, sleep: Callable[[float], None]) -> tenacity.Retrying:
+    assert isinstance(policy.on, tuple)
+    on = policy.on
     return tenacity.Retrying(
-        # The first attempt already happened outside tenacity.
+        # The first attempt already happened outside tenacity, so tenacity's attempt k
+        # is retry k, and the wait after it comes before retry k + 1.
         stop=tenacity.stop_after_attempt(policy.attempts - 1),
-        wait=wait,
+        wait=lambda state: _wait(policy, state.attempt_number + 1),
         retry=tenacity.retry_if_exception(
             lambda e: isinstance(e, on) and not isinstance(e, _Abandoned)),
         sleep=sleep,
@@ -155,8 +161,12 @@ def retry_call(
 
     made = 0
 
+    pause = sleep or time.sleep
+
     def counted(x: Any) -> Any:
         nonlocal made
+        if not made:  # tenacity waits only between its own attempts
+            pause(_wait(policy, 1))
         if should_stop is not None and should_stop():
             raise _Abandoned
         made += 1
@@ -164,7 +174,7 @@ def retry_call(
 
     retrying = policy._retrying
     if retrying is None or sleep is not None:
-        retrying = _retrying(policy, sleep or time.sleep)
+        retrying = _retrying(policy, pause)
         if sleep is None:
             object.__setattr__(policy, "_retrying", retrying)
     try:

@@ -42,8 +42,6 @@ __all__ = ["StageRunner", "StageSpec"]
 
 log = logging.getLogger("pipekit.stage")
 
-# A batch should take about this long, so slow items make small batches.
-_TARGET_BATCH_SECONDS = 0.05
 # The largest batch before the stage has measured how long its items take.
 _FIRST_BATCH = 8
 # Latency buckets (seconds) for the local per-item service-time histogram.
@@ -282,7 +280,8 @@ class StageRunner:
         per = self._per_item
         if per <= 0:  # nothing measured yet: start small, so slow items cannot hog
             return min(self.spec.batch_size, _FIRST_BATCH)
-        return max(1, min(self.spec.batch_size, int(_TARGET_BATCH_SECONDS / per)))
+        # a batch should take about pool.batch_seconds, so slow items make small batches
+        return max(1, min(self.spec.batch_size, int(self.pool.batch_seconds / per)))
 
     def _submit(self, chunk: Chunk, seq: int | None = None,
                 path: tuple[int, ...] = ()) -> _Flight:
@@ -571,9 +570,10 @@ class StageRunner:
             if _is_pickling_error(exc):
                 from pipekit.errors import NotPicklableError
 
+                what = "an item" if not _pickles(x) else "the output for an item"
                 err = NotPicklableError(
-                    f"stage {self.name!r} runs on processes and could not pickle an item "
-                    f"of type {type(x).__name__} ({exc}); make the item picklable or use "
+                    f"stage {self.name!r} runs on processes and could not pickle {what} "
+                    f"of type {type(x).__name__} ({exc}); make it picklable or use "
                     f"executor='thread'")
                 err.__cause__ = exc
             self._fail(x, err, (atts[i] if atts else 0) + 1)
@@ -797,6 +797,16 @@ class StageRunner:
             busy_seconds=self.busy_seconds, cpu_seconds=self.cpu_seconds,
             blocked_seconds=self.blocked_seconds, latency=self.latency(), state=self.state,
         )
+
+
+def _pickles(x: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(x)
+    except Exception:
+        return False
+    return True
 
 
 def _is_pickling_error(exc: BaseException) -> bool:
