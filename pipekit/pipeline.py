@@ -71,6 +71,25 @@ def _seconds(name: str, value: float | timedelta | None, *, allow_none: bool) ->
     return float(value)
 
 
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False (got {value!r})")
+    return value
+
+
+def _wait_time(name: str, value: object) -> float | None:
+    """A timeout argument: None (wait for ever) or a finite number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be None or a number of seconds >= 0 (got {value!r}); "
+                          f"e.g. {name}=1.0")
+    return float(value)
+
+
 def _workers(value: Any, default: int) -> tuple[int, int, int, Any]:
     """Parse ``workers``: an int, a ``(min, max)`` pair, or an autoscaling policy."""
     if value is None:
@@ -126,8 +145,9 @@ class Pipeline:
         elif settings:
             config = config.replace(**settings)
         self.config = config
-        self.ordered = config.ordered if ordered is None else bool(ordered)
-        self.telemetry = config.telemetry_enabled if telemetry is None else bool(telemetry)
+        self.ordered = config.ordered if ordered is None else _flag("ordered", ordered)
+        self.telemetry = config.telemetry_enabled if telemetry is None \
+            else _flag("telemetry", telemetry)
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self._specs: list[StageSpec] = []
@@ -236,10 +256,13 @@ class Pipeline:
         spec = StageSpec(
             name=name, fn=fn, min_workers=lo, max_workers=hi, workers=initial,
             executor=executor, batch_size=batch_size,
-            ordered=self.ordered if ordered is None else bool(ordered), key=key,
+            ordered=self.ordered if ordered is None else _flag(f"stage {name!r}: ordered",
+                                                               ordered),
+            key=key,
             retry=retry or NO_RETRY,
             timeout=_seconds(f"stage {name!r}: timeout", timeout, allow_none=True),
-            on_shutdown=on_shutdown, fanout=bool(fanout), autoscale=policy,
+            on_shutdown=on_shutdown, fanout=_flag(f"stage {name!r}: fanout", fanout),
+            autoscale=policy,
             options={"mp_context": mp_context, "dask_address": self.config.dask_address},
         )
         if executor == "dask":
@@ -282,6 +305,7 @@ class Pipeline:
         Raises:
             PipelineStateError: the pipeline has no stage.
         """
+        shutdown_timeout = _seconds("shutdown_timeout", shutdown_timeout, allow_none=True)
         run = Run(self, sink=sink, dead_letter=dead_letter,
                   keep_dead_letters=keep_dead_letters,
                   shutdown_timeout=shutdown_timeout or self.config.shutdown_timeout)
@@ -308,6 +332,8 @@ class Pipeline:
             shutdown_timeout: deadline for the drain after a signal.
             duration: stop intake after this many seconds (a timed run).
         """
+        shutdown_timeout = _seconds("shutdown_timeout", shutdown_timeout, allow_none=True)
+        duration = _seconds("duration", duration, allow_none=True)
         src = self._input(items)
         run = Run(self, sink=sink if sink is not None else _discard,
                   dead_letter=dead_letter, keep_dead_letters=keep_dead_letters,
@@ -503,6 +529,7 @@ class Run:
             NotPicklableError: the first stage runs on processes and the item cannot be
                 pickled.
         """
+        timeout = _wait_time("timeout", timeout)
         self._check_open()
         if self._gate is not None and self._gate.paused:
             self._wait_gate(timeout)
@@ -581,10 +608,15 @@ class Run:
         capture = self._first_capture
         ctx = capture() if capture is not None else None
         check = self._pickle_check
+        error: BaseException | None = None
         try:
             it = iter(src)
-            while not self._stopping.is_set():
-                chunk = list(itertools.islice(it, size))
+            while not self._stopping.is_set() and error is None:
+                chunk: list[Any] = []
+                try:
+                    chunk.extend(itertools.islice(it, size))
+                except Exception as exc:  # keep what the source yielded before it broke
+                    error = exc
                 if not chunk:
                     break
                 if check:
@@ -604,9 +636,14 @@ class Run:
                 with self._submit_lock:
                     self._submitted += len(chunk)
         except BaseException as exc:
-            self._feed_error = exc
-            log.exception("the source of pipeline %s raised; intake stops", self.name)
+            error = exc
         finally:
+            if error is not None:
+                self._feed_error = error
+                self._reason = self._reason or "source_error"
+                log.error("the source of pipeline %s raised %r; intake stops", self.name, error,
+                          exc_info=error,
+                          extra={"pipekit": {"event": "source_failed", "pipeline": self.name}})
             if not self._stopping.is_set():
                 inbox.close()
 
@@ -904,6 +941,7 @@ class Run:
             stages=stats.stages, reason=self._reason, hook_errors=tuple(self._hook_errors),
             scale_events=_extensions.scale_events(self),
             profiles=_extensions.profiles(self),
+            source_error=repr(self._feed_error) if self._feed_error is not None else "",
         )
 
     @property

@@ -206,10 +206,13 @@ class RunReport:
         duration: seconds from start to the end of shutdown.
         stages: final per-stage snapshots, in pipeline order.
         reason: why the run ended: ``"completed"``, ``"shutdown"``, ``"signal"``,
-            ``"deadline"`` (the drain did not finish in time) or ``"aborted"``.
+            ``"deadline"`` (the drain did not finish in time), ``"aborted"`` (a second
+            signal), ``"duration"`` (a timed run ended) or ``"source_error"`` (the source
+            raised; what it yielded before was processed).
         hook_errors: stage names whose ``on_shutdown`` hook raised, with the error text.
         scale_events: every autoscaler decision that changed a worker count.
         profiles: paths of profiles written for this run.
+        source_error: ``repr`` of the exception the source raised, or ``""``.
     """
 
     pipeline: str
@@ -224,11 +227,12 @@ class RunReport:
     hook_errors: tuple[tuple[str, str], ...] = ()
     scale_events: tuple[ScaleEvent, ...] = ()
     profiles: tuple[str, ...] = ()
+    source_error: str = ""
 
     @property
     def ok(self) -> bool:
         """True when every item reached an output or was deliberately dropped."""
-        return self.dead_letter_count == 0 and not self.unprocessed
+        return self.dead_letter_count == 0 and not self.unprocessed and not self.source_error
 
     @property
     def throughput(self) -> float:
@@ -269,4 +273,5 @@ class RunReport:
             "hook_errors": [list(h) for h in self.hook_errors],
             "scale_events": [asdict(e) for e in self.scale_events],
             "profiles": list(self.profiles),
+            "source_error": self.source_error,
         }
