@@ -128,12 +128,45 @@ def make_runner(work: StageWork, *, alarm: bool) -> Callable[..., BatchResult | 
 
     def run(items: list[Any], ctxs: list[Any] | None, attempts: list[int] | None,
             progress: Progress | None = None) -> BatchResult | None:
-        # contexts travel only with traced items: most batches take the fast loop
+        # Contexts travel only with sampled items: untraced runs of a batch take the
+        # fast loop, each traced item the careful one.
         if ctxs is None:
             return fast(items, ctxs, attempts, progress)
-        return careful(items, ctxs, attempts, progress)
+        return _mixed(fast, careful, items, ctxs, attempts)
 
     return run
+
+
+def _mixed(fast: Callable[..., BatchResult | None], careful: Callable[..., BatchResult | None],
+           items: list[Any], ctxs: list[Any], attempts: list[int] | None) -> BatchResult:
+    t0, c0 = time.perf_counter(), time.thread_time()
+    out: list[Any] = []
+    out_ctxs: list[Any] = []
+    failures: list[tuple[int, Any, BaseException, int]] = []
+    succeeded = dropped = retries = timed_out = 0
+    n = len(items)
+    i = 0
+    while i < n:
+        j = i + 1
+        traced = ctxs[i] is not None
+        if not traced:
+            while j < n and ctxs[j] is None:
+                j += 1
+        part = (careful if traced else fast)(
+            items[i:j], ctxs[i:j] if traced else None,
+            attempts[i:j] if attempts is not None else None, None)
+        assert part is not None  # no watchdog without a timeout
+        out.extend(part.outputs)
+        out_ctxs.extend(part.out_ctxs if part.out_ctxs is not None
+                        else [None] * len(part.outputs))
+        failures.extend((k + i, x, e, a) for k, x, e, a in part.failures)
+        succeeded += part.succeeded
+        dropped += part.dropped
+        retries += part.retries
+        timed_out += part.timed_out
+        i = j
+    return BatchResult(out, out_ctxs, failures, succeeded, dropped, retries, timed_out,
+                       time.perf_counter() - t0, time.thread_time() - c0, n)
 
 
 def _fast_runner(fn: Callable[[Any], Any], policy: Retry, fanout: bool,
