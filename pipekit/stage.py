@@ -572,7 +572,8 @@ class StageRunner:
 
                 what = "an item" if not _pickles(x) else "the output for an item"
                 err = NotPicklableError(
-                    f"stage {self.name!r} runs on processes and could not pickle {what} "
+                    f"stage {self.name!r} runs on executor={self.spec.executor!r} and "
+                    f"could not pickle {what} "
                     f"of type {type(x).__name__} ({exc}); make it picklable or use "
                     f"executor='thread'")
                 err.__cause__ = exc
