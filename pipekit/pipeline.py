@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
@@ -343,7 +343,7 @@ class Pipeline:
         return run.wait(duration=duration)
 
     def map(self, items: Iterable[Any] | None = None, *,
-            dead_letter: Callable[[DeadLetter], Any] | None = None) -> Iterator[Any]:
+            dead_letter: Callable[[DeadLetter], Any] | None = None) -> Generator[Any, None, None]:
         """Run over ``items`` and yield the outputs as they come.
 
         Leaving the loop early shuts the run down. Failed items go to ``dead_letter``
@@ -426,6 +426,8 @@ class Run:
         self._submitted = 0
         self._submit_lock = threading.Lock()
         self._outputs = 0
+        self._readers = 0  # results() iterators being read
+        self._in_hand = 0  # outputs a reader took from the channel and has not yielded yet
         self._intake_rejected: list[Unprocessed] = []
         self._state = "starting"
         self._reason = ""
@@ -693,18 +695,39 @@ class Run:
         if self._sink is not None:
             raise PipelineStateError("this run has a sink; outputs go to it, not results()")
         out = self._out
-        while True:
-            chunk = out.get_batch(self._cfg.batch_size)
-            if chunk is None:
-                if out.closed and not out.depth:
-                    return
-                if not out.wait(timeout) and not out.closed:
-                    return
-                continue
-            self._last_progress = self._clock()
-            for x in chunk.items:
-                self._outputs += 1
-                yield x
+        with self._submit_lock:
+            self._readers += 1
+        try:
+            while True:
+                chunk = out.get_batch(self._cfg.batch_size)
+                if chunk is None:
+                    if out.closed and not out.depth:
+                        return
+                    if not out.wait(timeout) and not out.closed:
+                        return
+                    continue
+                self._last_progress = self._clock()
+                items = chunk.items
+                with self._submit_lock:
+                    self._in_hand += len(items)
+                given = 0
+                try:
+                    for x in items:
+                        given += 1
+                        with self._submit_lock:
+                            self._in_hand -= 1
+                            self._outputs += 1
+                        yield x
+                finally:
+                    if given < len(items):  # the reader stopped part way through a chunk
+                        rest = items[given:]
+                        with self._submit_lock:
+                            self._in_hand -= len(rest)
+                            self._intake_rejected.extend(
+                                Unprocessed("sink", x, "queued") for x in rest)
+        finally:
+            with self._submit_lock:
+                self._readers -= 1
 
     # -- dead letters --------------------------------------------------------------------
 
@@ -818,6 +841,8 @@ class Run:
             return False
         if not all(r.finished.is_set() for r in self._runners):
             return False
+        if self._readers and (self._out.depth or self._in_hand):
+            return False  # a results() reader is still taking the outputs
         return self._sink_thread is None or not self._sink_thread.is_alive()
 
     def shutdown(self, timeout: float | None = None) -> RunReport:
@@ -886,7 +911,12 @@ class Run:
                     r.finished.wait(min(left, 0.05))
                     break
             else:
-                self._wait_sink(min(left, 0.05))
+                if self._sink_thread is not None:
+                    self._wait_sink(min(left, 0.05))
+                elif self._out.depth:
+                    self._out.wait_empty(min(left, 0.05))
+                else:
+                    time.sleep(min(left, 0.005))  # a reader is yielding what it holds
         return True
 
     def _abort(self) -> None:

@@ -265,6 +265,17 @@ class Channel:
                     self._waiting_consumers -= 1
             return self._depth > 0
 
+    def wait_empty(self, timeout: float | None) -> bool:
+        """Block until the channel is empty (a consumer took everything); True if it is."""
+        with self._lock:
+            if self._depth:
+                self._waiting_producers += 1
+                try:
+                    self._not_full.wait(timeout)
+                finally:
+                    self._waiting_producers -= 1
+            return self._depth == 0
+
     def close(self) -> None:
         """Refuse further puts; waiting producers get :class:`ChannelClosed`."""
         with self._lock:

@@ -10,6 +10,7 @@ import functools
 import itertools
 import math
 import threading
+import time
 from collections import defaultdict
 from datetime import timedelta
 from typing import Any
@@ -522,11 +523,35 @@ def test_results_yields_every_output_and_ends_after_shutdown() -> None:
     reader.start()
     for i in range(200):
         run.submit(i)
+    wait_until(lambda: run.stats().outputs == 200)  # all read before the shutdown
     report = run.shutdown(timeout=10)
     reader.join(10)
-    assert not reader.is_alive()
+    assert not reader.is_alive()  # results() ended once the run stopped
     assert sorted(got) == [2 * i for i in range(200)]
     assert report.outputs == 200
+    assert_accounted(report)
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_lets_a_results_reader_take_the_outputs_already_made() -> None:
+    pipe = make_pipe().add_stage("a", double, workers=2, batch_size=10)
+    run = pipe.start()
+    got: list[int] = []
+
+    def slow_reader() -> None:
+        for x in run.results():
+            got.append(x)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=slow_reader, name="reader")
+    reader.start()
+    for i in range(300):
+        run.submit(i)
+    report = run.shutdown(timeout=20)  # ample time for the reader to take them all
+    reader.join(10)
+    assert sorted(got) == [2 * i for i in range(300)]
+    assert report.outputs == 300
+    assert not report.unprocessed
     assert_accounted(report)
 
 
