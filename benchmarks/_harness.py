@@ -427,7 +427,7 @@ def child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-class Unavailable(Exception):  # noqa: N818 - reads as "contender unavailable" in the table
+class Unavailable(Exception):
     """Raised by a contender whose package is missing or cannot run here."""
 
 

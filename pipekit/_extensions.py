@@ -48,12 +48,12 @@ def before_start(run: Run) -> None:
         if cfg.max_memory_mb:
             run._gate = gate
             gate.on_change(lambda paused, reason: _on_gate(run, paused, reason))
-        tel = ext.get("telemetry")
-        if tel is not None:
+        watcher = ext.get("telemetry")
+        if watcher is not None:
             limits: dict[str, float] = {"cpu": cfg.max_cpu_percent / 100.0}
             if cfg.max_memory_mb:
                 limits["memory"] = float(cfg.max_memory_mb) * 1024 * 1024
-            tel.watch_resources(monitor, gate, limits)
+            watcher.watch_resources(monitor, gate, limits)
     if cfg.profiling_enabled or cfg.ops_enabled or cfg.profiling_signal:
         profiler(run)  # an unwritable profile folder is reported now, not at shutdown
     if cfg.max_open_files and cfg.source_of("max_open_files") != "default":

@@ -18,6 +18,7 @@ its timeout can never hold the interpreter open at exit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import pickle
@@ -313,10 +314,8 @@ class ProcessPool(StagePool):
         with self._lock:
             procs = dict(getattr(self._pool, "_processes", None) or {})
         for p in procs.values():
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 p.kill()
-            except Exception:  # already gone
-                pass
 
     def shutdown(self, wait: bool, timeout: float | None) -> None:
         with self._lock:

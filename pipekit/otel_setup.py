@@ -66,7 +66,8 @@ class OtelSetup:
         if openmetrics:
             from prometheus_client.openmetrics import exposition as om
 
-            return om.generate_latest(self._registry), om.CONTENT_TYPE_LATEST
+            body: bytes = om.generate_latest(self._registry)  # type: ignore[no-untyped-call]
+            return body, om.CONTENT_TYPE_LATEST
         from prometheus_client import exposition
 
         return exposition.generate_latest(self._registry), exposition.CONTENT_TYPE_LATEST

@@ -34,7 +34,7 @@ from pipekit.errors import (
 from pipekit.queues import Channel, ChannelClosed, ChannelFull, Chunk
 from pipekit.retry import NO_RETRY, Retry
 from pipekit.stage import StageRunner, StageSpec
-from pipekit.stats import DeadLetter, PipelineStats, RunReport, StageStats, Unprocessed
+from pipekit.stats import DeadLetter, PipelineStats, RunReport, Unprocessed
 
 __all__ = ["Pipeline", "Run"]
 
@@ -177,7 +177,7 @@ class Pipeline:
         testable on its own.
         """
         def register(f: F) -> F:
-            name = options.pop("name", None) or getattr(f, "__name__", None)
+            name: Any = options.pop("name", None) or getattr(f, "__name__", None)
             self.add_stage(name, f, **options)
             return f
 
@@ -938,7 +938,7 @@ class Run:
             left = max(0.05, deadline - self._clock())
             box: list[BaseException] = []
 
-            def call(h: Callable[[], Any] = hook) -> None:
+            def call(h: Callable[[], Any] = hook, box: list[BaseException] = box) -> None:
                 try:
                     h()
                 except BaseException as exc:

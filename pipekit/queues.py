@@ -204,8 +204,7 @@ class Channel:
         n = len(chunk.items)
         self._depth += n
         self._put_total += n
-        if self._depth > self._peak:
-            self._peak = self._depth
+        self._peak = max(self._peak, self._depth)
         if self._waiting_consumers:
             self._not_empty.notify()
         listener = self._listener

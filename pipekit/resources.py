@@ -240,7 +240,7 @@ class _PsutilReader:
 
     def __init__(self, include_children: bool) -> None:
         try:
-            import psutil  # noqa: PLC0415  (lazy: `import pipekit` must not load psutil)
+            import psutil
         except ImportError as err:
             raise missing_extra("resource sampling without /proc", "all", "psutil", err) from err
         self._psutil: Any = psutil
@@ -631,7 +631,7 @@ def apply_open_files_limit(n: int | None) -> tuple[int, int] | None:
         raise ConfigError(f"max_open_files must be a positive integer (got {n!r}); "
                           "leave it unset to keep the current limit")
     try:
-        import resource  # noqa: PLC0415  (POSIX only; imported where it is needed)
+        import resource
     except ImportError as err:
         raise ConfigError(f"max_open_files={n} is not supported on this platform "
                           "(no RLIMIT_NOFILE); leave it unset") from err
@@ -669,7 +669,7 @@ def restore_open_files_limit(previous: tuple[int, int] | None) -> bool:
     if previous is None:
         return True
     try:
-        import resource  # noqa: PLC0415  (POSIX only; imported where it is needed)
+        import resource
 
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         soft = previous[0] if hard == resource.RLIM_INFINITY else min(previous[0], hard)

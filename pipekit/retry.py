@@ -90,7 +90,8 @@ class Retry:
 
     def wait_for(self, retry_number: int) -> float:
         """The wait before retry number ``retry_number`` (1-based), jitter excluded."""
-        assert isinstance(self.backoff, float) and isinstance(self.max_backoff, float)
+        assert isinstance(self.backoff, float)
+        assert isinstance(self.max_backoff, float)
         return min(self.max_backoff, self.backoff * 2.0 ** (retry_number - 1))
 
     def __getstate__(self) -> dict[str, Any]:

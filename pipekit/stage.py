@@ -483,8 +483,7 @@ class StageRunner:
             self._hist[bisect.bisect_left(_BOUNDS, per)] += n
             self._lat_sum += r.busy
             self._lat_count += n
-            if per > self._lat_max:
-                self._lat_max = per
+            self._lat_max = max(self._lat_max, per)
         chunk = flight.chunk
         for idx, item, err, attempts in r.failures:
             self._fail(item, err, attempts, count_received=False)

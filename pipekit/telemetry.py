@@ -248,9 +248,8 @@ class Telemetry:
             for c in ctxs:
                 if c is None:
                     continue
-                if type(c) is dict:
-                    c = _PROPAGATOR.extract(c)
-                sc = trace.get_current_span(c).get_span_context()
+                ctx = _PROPAGATOR.extract(c) if type(c) is dict else c
+                sc = trace.get_current_span(ctx).get_span_context()
                 if sc.is_valid and sc.span_id not in seen:
                     seen.add(sc.span_id)
                     links.append(Link(sc))

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from _tel_helpers import inc_traced, record_trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -15,7 +16,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import pipekit
 from pipekit import telemetry
-from _tel_helpers import inc_traced, record_trace
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -109,7 +109,7 @@ def allow_profiler_attach(ancestor_pid: int | None = None) -> bool:
         return False
     if scope != "1" or not sys.platform.startswith("linux"):
         return False
-    import ctypes  # noqa: PLC0415 - only needed on Linux hosts with Yama scope 1
+    import ctypes
 
     pid = os.getpid() if ancestor_pid is None else ancestor_pid
     try:

@@ -43,7 +43,7 @@ def import_memray() -> Any:
         MissingExtraError: memray is not installed.
     """
     try:
-        import memray  # noqa: PLC0415 - optional extra, loaded only for heap profiles
+        import memray
     except ImportError as err:
         raise missing_extra("heap profiling", "profiling", "memray", err) from err
     return memray

@@ -51,7 +51,7 @@ _ATTACH_TIMEOUT: Final = 15.0
 def current_trace_id() -> str | None:
     """Return the 32-hex-digit id of the trace active in this context, or ``None``."""
     try:
-        from opentelemetry import trace  # noqa: PLC0415 - keep `import pipekit.profiling` light
+        from opentelemetry import trace
 
         ctx = trace.get_current_span().get_span_context()
         return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None
