@@ -339,7 +339,7 @@ class Pipeline:
                   dead_letter=dead_letter, keep_dead_letters=keep_dead_letters,
                   shutdown_timeout=shutdown_timeout or self.config.shutdown_timeout)
         run._start(handle_signals=handle_signals)
-        run._feed(src)
+        run.feed(src)
         return run.wait(duration=duration)
 
     def map(self, items: Iterable[Any] | None = None, *,
@@ -353,7 +353,7 @@ class Pipeline:
         run = Run(self, sink=None, dead_letter=dead_letter, keep_dead_letters=None,
                   shutdown_timeout=self.config.shutdown_timeout)
         run._start(handle_signals=False)
-        run._feed(src)
+        run.feed(src)
         exhausted = False
         try:
             yield from run.results()
@@ -378,6 +378,34 @@ class Pipeline:
 
 def _discard(_: Any) -> None:
     return None
+
+
+def _read_sequence(it: Iterator[Any], size: int,
+                   linger: float) -> tuple[list[Any], BaseException | None]:
+    import itertools
+
+    try:
+        return list(itertools.islice(it, size)), None
+    except Exception as exc:  # e.g. a list whose iteration fails
+        return [], exc
+
+
+def _read_iterator(it: Iterator[Any], size: int,
+                   linger: float) -> tuple[list[Any], BaseException | None]:
+    """Up to ``size`` items; stop early when one took longer than ``linger`` to come."""
+    chunk: list[Any] = []
+    clock = time.perf_counter
+    try:
+        for _ in range(size):
+            t = clock()
+            chunk.append(next(it))
+            if clock() - t > linger:
+                break  # a slow source: do not hold its items back for the rest
+    except StopIteration:
+        pass
+    except Exception as exc:  # keep what the source yielded before it broke
+        return chunk, exc
+    return chunk, None
 
 
 def _check_picklable(spec: StageSpec) -> None:
@@ -436,6 +464,9 @@ class Run:
         self._stopping = threading.Event()
         self._abort_now = threading.Event()
         self._feeder: threading.Thread | None = None
+        self._feeder_holding = False  # the source thread has items it has not put yet
+        self._feeder_done = threading.Event()
+        self._signal_name = ""
         self._feed_error: BaseException | None = None
         self._sink_thread: threading.Thread | None = None
         self._hook_errors: list[tuple[str, str]] = []
@@ -596,50 +627,48 @@ class Run:
                 f"pipeline {self.name!r}: intake stayed paused for {timeout} s "
                 f"({self._gate.reason})")
 
-    def _feed(self, src: Iterable[Any]) -> None:
-        """Feed an iterable into the first stage from a thread of its own."""
+    def feed(self, src: Iterable[Any]) -> None:
+        """Feed an iterable into the first stage from a thread of its own (once per run).
+
+        ``run()`` and ``map()`` use it; call it on a run from :meth:`Pipeline.start` to
+        have the run read a source while you keep the handle (for ``stats()``,
+        ``ops_url``, profiles). When the source is exhausted, intake closes and
+        :meth:`wait` returns the report.
+
+        Raises:
+            PipelineStateError: the run already has a source.
+        """
+        if self._feeder is not None:
+            raise PipelineStateError("this run already reads a source; feed() once per run")
         self._feeder = threading.Thread(target=self._feed_loop, args=(src,),
                                         name=f"pipekit-{self.name}-source", daemon=True)
         self._feeder.start()
 
     def _feed_loop(self, src: Iterable[Any]) -> None:
-        import itertools
-
         inbox = self._inboxes[0]
         size = max(1, min(self._cfg.batch_size, self._cfg.buffer_size))
         capture = self._first_capture
         ctx = capture() if capture is not None else None
-        check = self._pickle_check
         error: BaseException | None = None
+        # In-memory sequences never block: take them a chunk at a time at C speed. Other
+        # iterables may be slow: pass items on as soon as the source makes them wait.
+        read = _read_sequence if isinstance(src, list | tuple | range) else _read_iterator
         try:
             it = iter(src)
             while not self._stopping.is_set() and error is None:
-                chunk: list[Any] = []
-                try:
-                    chunk.extend(itertools.islice(it, size))
-                except Exception as exc:  # keep what the source yielded before it broke
-                    error = exc
+                self._feeder_holding = False
+                chunk, error = read(it, size, self._cfg.batch_linger)
                 if not chunk:
                     break
-                if check:
-                    chunk = self._refuse_unpicklable(chunk)
-                if self._gate is not None and self._gate.paused:
-                    while not self._gate.wait_open(0.1):
-                        if self._stopping.is_set():
-                            break
-                try:
-                    inbox.put_chunk(Chunk(chunk, None if ctx is None else [ctx] * len(chunk)))
-                except ChannelClosed:
-                    with self._submit_lock:
-                        self._submitted += len(chunk)
-                    self._intake_rejected.extend(
-                        Unprocessed(self._runners[0].name, x, "intake") for x in chunk)
+                self._feeder_holding = True
+                if not self._put_from_source(inbox, chunk, ctx):
                     break
-                with self._submit_lock:
-                    self._submitted += len(chunk)
+            self._feeder_holding = False
         except BaseException as exc:
             error = exc
         finally:
+            self._feeder_holding = False
+            self._feeder_done.set()
             if error is not None:
                 self._feed_error = error
                 self._reason = self._reason or "source_error"
@@ -648,6 +677,26 @@ class Run:
                           extra={"pipekit": {"event": "source_failed", "pipeline": self.name}})
             if not self._stopping.is_set():
                 inbox.close()
+
+    def _put_from_source(self, inbox: Channel, chunk: list[Any], ctx: Any) -> bool:
+        """Put what the source gave; False when intake closed (the chunk is reported)."""
+        if self._pickle_check:
+            chunk = self._refuse_unpicklable(chunk)
+        if self._gate is not None and self._gate.paused:
+            while not self._gate.wait_open(0.1):
+                if self._stopping.is_set():
+                    break
+        try:
+            inbox.put_chunk(Chunk(chunk, None if ctx is None else [ctx] * len(chunk)))
+        except ChannelClosed:
+            with self._submit_lock:
+                self._submitted += len(chunk)
+            self._intake_rejected.extend(
+                Unprocessed(self._runners[0].name, x, "intake") for x in chunk)
+            return False
+        with self._submit_lock:
+            self._submitted += len(chunk)
+        return True
 
     def _refuse_unpicklable(self, chunk: list[Any]) -> list[Any]:
         ok = []
@@ -856,9 +905,13 @@ class Run:
                 None). Stages with ``on_shutdown`` hooks get at least a tenth of it.
         """
         with self._shutdown_lock:
-            if self._report is not None:
-                return self._report
-            return self._shutdown(self._shutdown_timeout if timeout is None else timeout)
+            report = self._report
+            if report is None:
+                timeout = _seconds("timeout", timeout, allow_none=True)
+                report = self._shutdown(self._shutdown_timeout if timeout is None else timeout)
+        # Signal handlers go back in the main thread (a signal's drain runs elsewhere).
+        self._restore_signals()
+        return report
 
     def _shutdown(self, timeout: float) -> RunReport:
         from pipekit import _extensions
@@ -875,9 +928,14 @@ class Run:
             "event": "draining", "pipeline": self.name, "pending": self.pending(),
             "timeout": timeout}})
         _extensions.before_drain(self)
+        # Items the source already gave go in (within the deadline); a source blocked
+        # waiting for its next item is not waited for.
+        while (self._feeder_holding and self._clock() < drain_deadline
+               and not self._abort_now.is_set()):
+            self._feeder_done.wait(0.01)
         self._inboxes[0].close()
         if self._feeder is not None:
-            self._feeder.join(max(0.0, drain_deadline - self._clock()))
+            self._feeder.join(max(0.0, min(0.5, drain_deadline - self._clock())))
         aborted = not self._drain(drain_deadline)
         if aborted:
             self._abort()
@@ -972,6 +1030,7 @@ class Run:
             scale_events=_extensions.scale_events(self),
             profiles=_extensions.profiles(self),
             source_error=repr(self._feed_error) if self._feed_error is not None else "",
+            signal=self._signal_name,
         )
 
     @property
@@ -1001,9 +1060,12 @@ class Run:
             self._reason = "signal"
             log.warning("received %s: draining (send it again to stop at once)", name,
                         extra={"pipekit": {"event": "signal", "signal": name}})
+            self._signal_name = name
             self._stopping.set()
             self._state = "draining"
-            self._inboxes[0].close()
+            # the drain runs outside the handler; run()'s wait() joins it
+            threading.Thread(target=self.shutdown, name=f"pipekit-{self.name}-shutdown",
+                             daemon=True).start()
         else:
             log.warning("received %s again: stopping now", name,
                         extra={"pipekit": {"event": "signal_again", "signal": name}})

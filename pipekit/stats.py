@@ -213,6 +213,7 @@ class RunReport:
         scale_events: every autoscaler decision that changed a worker count.
         profiles: paths of profiles written for this run.
         source_error: ``repr`` of the exception the source raised, or ``""``.
+        signal: the name of the signal that started the shutdown (``"SIGTERM"``), or ``""``.
     """
 
     pipeline: str
@@ -228,6 +229,7 @@ class RunReport:
     scale_events: tuple[ScaleEvent, ...] = ()
     profiles: tuple[str, ...] = ()
     source_error: str = ""
+    signal: str = ""
 
     @property
     def ok(self) -> bool:
@@ -274,4 +276,5 @@ class RunReport:
             "scale_events": [asdict(e) for e in self.scale_events],
             "profiles": list(self.profiles),
             "source_error": self.source_error,
+            "signal": self.signal,
         }
