@@ -494,11 +494,14 @@ class Run:
         from pipekit import _extensions
 
         _extensions.before_start(self)
+        from pipekit._pull import PullRunner, pulls
+
         specs = self.pipeline._specs
         for i, spec in enumerate(specs):
             nxt = self._inboxes[i + 1] if i + 1 < len(specs) else self._out
             next_name = specs[i + 1].name if i + 1 < len(specs) else "sink"
-            self._runners.append(StageRunner(
+            runner_class = PullRunner if pulls(spec) else StageRunner
+            self._runners.append(runner_class(
                 spec, self._inboxes[i], nxt.put_chunk, self._on_dead,
                 linger=self._cfg.batch_linger,
                 enter=self._enter_factory(spec.name) if self._enter_factory else None,

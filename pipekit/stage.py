@@ -120,6 +120,7 @@ class StageRunner:
         self._on_finished = on_finished
         self._next_name = next_name
         self._wire = wire
+        self._enter_fn = enter
         work = StageWork(fn=spec.fn, retry=spec.retry, timeout=spec.timeout,
                          fanout=spec.fanout, enter=enter)
         self.pool: StagePool = make_pool(spec.executor, spec.name, work, spec.max_workers,
@@ -446,6 +447,9 @@ class StageRunner:
                 self._complete(flight)
             elif flight.progress is not None and flight.progress.abandoned:
                 self.stuck -= 1  # a call that timed out has returned at last
+            # flight -> future -> done callback -> flight is a cycle: break it, or the
+            # batch's items and outputs wait for the cyclic GC instead of going now
+            flight.future = None
 
     def _complete(self, flight: _Flight) -> None:
         self._flights.discard(flight)
@@ -748,6 +752,7 @@ class StageRunner:
                     r = fut.result()
                     assert r is not None
                     self._account_abort(flight, r)
+            flight.future = None  # break the flight -> future -> callback cycle
 
     def _account_abort(self, flight: _Flight, r: BatchResult) -> None:
         self._in_flight_items -= len(flight.chunk.items)
