@@ -19,14 +19,13 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import math
 import threading
 import time
 from typing import Any
 
 from pipekit._work import BatchResult, make_runner
 from pipekit.queues import ChannelClosed, Chunk
-from pipekit.stage import _BOUNDS, StageRunner
+from pipekit.stage import _BOUNDS, StageRunner, _linger_below
 from pipekit.stats import DeadLetter, Unprocessed
 
 __all__ = ["PullRunner", "pulls"]
@@ -45,6 +44,7 @@ class PullRunner(StageRunner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.inbox.set_listener(None)  # workers wait on the channel itself
         spec = self.spec
         from pipekit._work import StageWork
 
@@ -163,7 +163,7 @@ class PullRunner(StageRunner):
                 inbox.wait(0.1)
                 continue
             cap = self._cap()
-            if depth < cap and not inbox.closed:
+            if depth < _linger_below(cap) and not inbox.closed:
                 oldest = inbox.oldest_enqueued()
                 if oldest is not None:
                     wait = oldest + self._linger - self._clock()
@@ -171,7 +171,7 @@ class PullRunner(StageRunner):
                         time.sleep(min(wait, 0.01))
                         continue
             idle = max(1, self.workers - self._busy)
-            n = min(cap, max(1, math.ceil(depth / idle)))
+            n = self._batch_for(depth, idle, cap)
             chunk = inbox.get_batch(n)
             if chunk is not None and chunk.items:
                 return chunk

@@ -42,6 +42,8 @@ __all__ = ["StageRunner", "StageSpec"]
 
 log = logging.getLogger("pipekit.stage")
 
+# A share of the queue worth splitting off to another idle worker takes at least this.
+_SPLIT_SECONDS = 0.001
 # The largest batch before the stage has measured how long its items take.
 _FIRST_BATCH = 8
 # Latency buckets (seconds) for the local per-item service-time histogram.
@@ -67,6 +69,16 @@ class StageSpec:
     fanout: bool = False
     autoscale: Any = None  # an AutoscalePolicy when min_workers < max_workers
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def _linger_below(cap: int) -> int:
+    """Wait for a batch to fill only while fewer items than this wait.
+
+    Lingering is for a trickle (items submitted one by one). A quarter of a batch
+    already waiting means a stream, or a finished batch from upstream: take it now
+    rather than hold the workers idle.
+    """
+    return max(1, cap // 4)
 
 
 class _Flight:
@@ -255,7 +267,7 @@ class StageRunner:
             if not depth:
                 return sleep
             cap = self._cap()
-            if depth < cap and not self.inbox.closed and not self._ready \
+            if depth < _linger_below(cap) and not self.inbox.closed and not self._ready \
                     and not self._blocked:
                 oldest = self.inbox.oldest_enqueued()
                 if oldest is not None:
@@ -263,7 +275,7 @@ class StageRunner:
                     if wait > 0:
                         return wait if sleep is None else min(sleep, wait)
             idle = self.workers - len(self._flights)
-            n = min(cap, max(1, math.ceil(depth / idle)))
+            n = self._batch_for(depth, idle, cap)
             if self._key is None:
                 chunk = self.inbox.get_batch(n)
             elif self.spec.ordered:
@@ -276,6 +288,17 @@ class StageRunner:
             if self._watch:  # the watchdog must tick while the new batch runs
                 sleep = min(0.05, self.spec.timeout or 0.05)
         return sleep
+
+    def _batch_for(self, depth: int, idle: int, cap: int) -> int:
+        """How many of ``depth`` waiting items the next batch takes.
+
+        What waits is split across idle workers only when that buys parallelism: when
+        a share would still take at least ``_SPLIT_SECONDS``. Fast items stay together
+        (splitting them only adds hand-offs); slow items spread over every worker.
+        """
+        per = self._per_item
+        floor = cap if per <= 0 else max(1, min(cap, math.ceil(_SPLIT_SECONDS / per)))
+        return min(cap, max(floor, math.ceil(depth / idle)))
 
     def _cap(self) -> int:
         per = self._per_item
