@@ -34,14 +34,16 @@ def before_start(run: Run) -> None:
         run._wire = (telemetry.to_wire, telemetry.from_wire)
         run._observer = tel
         run._dead_hooks.append(tel.on_dead)
-    if cfg.max_memory_mb or run.pipeline.telemetry:
+    autoscaled = any(s.autoscale is not None for s in run.pipeline._specs)
+    if cfg.max_memory_mb or run.pipeline.telemetry or autoscaled:
         from pipekit import resources
 
         gate = resources.MemoryGate.from_megabytes(cfg.max_memory_mb or None,
                                                    cfg.memory_resume_ratio)
         interval = cfg.metrics_interval
-        if cfg.max_memory_mb:
-            interval = min(interval, 1.0)  # a memory limit needs a quick eye
+        if cfg.max_memory_mb or any(s.autoscale is not None for s in run.pipeline._specs):
+            # a memory limit, and the autoscaler's CPU guard, need a quick eye
+            interval = min(interval, 1.0)
         monitor = resources.ResourceMonitor(resources.ResourceSampler(), gate, interval,
                                             )
         ext["monitor"] = monitor

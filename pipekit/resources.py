@@ -291,6 +291,10 @@ def _available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+#: Below this many seconds between samples, CPU use is not measured (10 ms ticks).
+_MIN_CPU_INTERVAL = 0.2
+
+
 class ResourceSampler:
     """Samples CPU, memory, descriptors, threads and GC of a process and its descendants.
 
@@ -344,6 +348,7 @@ class ResourceSampler:
         # A baseline now, so the first sample() reports CPU used since construction.
         at = clock()
         first = self._reader.read(probe)
+        self._cpu_last = 0.0
         self._prev = _Baseline(probe, at, first.cpu_seconds, first.children)
 
     def __repr__(self) -> str:
@@ -376,8 +381,9 @@ class ResourceSampler:
             children_rss += rss
         with self._lock:
             prev = self._prev
-            cpu_percent = 0.0
-            if prev.pid == pid and at > prev.at:
+            cpu_percent = self._cpu_last
+            short = prev.pid == pid and at - prev.at < _MIN_CPU_INTERVAL
+            if prev.pid == pid and at > prev.at and not short:
                 used = max(0.0, reading.cpu_seconds - prev.cpu_seconds)
                 before = prev.children
                 for key, (cpu, _) in reading.children.items():
@@ -388,7 +394,9 @@ class ResourceSampler:
                 # /proc counts CPU in clock ticks (10 ms) and a new child counts whole, so
                 # a short interval can read above what the CPUs could do: clamp to that.
                 cpu_percent = min(used / (at - prev.at) * 100.0, 100.0 * self._cpus)
-            self._prev = _Baseline(pid, at, reading.cpu_seconds, reading.children)
+                self._cpu_last = cpu_percent
+            if not short:  # too short to measure CPU in 10 ms ticks: keep the baseline
+                self._prev = _Baseline(pid, at, reading.cpu_seconds, reading.children)
             sample = ResourceSample(
                 at=at,
                 cpu_percent=cpu_percent,
