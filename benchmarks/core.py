@@ -47,8 +47,6 @@ from _harness import (
 
 # How pipekit is configured for each workload: one place for the lead to tune.
 TRIVIAL_BATCH = 100
-IO_BATCH = 4  # small batches keep all 16 sleeping workers busy to the end of the run
-CPU_BATCH = 10  # 1.5 ms items: 15 ms tasks, a short tail on 2 processes
 KEYED_BATCH = 16
 
 
@@ -74,30 +72,26 @@ def _new_pipeline(name: str) -> Any:
 
 
 def bench_pipekit_trivial(p: Params) -> Timed:
-    """Trivial workload on pipekit: three thread stages, one worker each, batches of 100."""
+    """Trivial workload on pipekit with default settings (workers, batch size, buffer)."""
     pipe = _new_pipeline("bench-trivial")
     for name in ("a", "b", "c"):
-        pipe.add_stage(name, add1, workers=1, executor="thread", batch_size=TRIVIAL_BATCH)
+        pipe.add_stage(name, add1)
     return timed(lambda: sum(pipe.map(range(p.n))))
 
 
 def bench_pipekit_io(p: Params) -> Timed:
     """I/O workload on pipekit: the sleeping middle stage on ``p.io_workers`` threads."""
     pipe = _new_pipeline("bench-io")
-    pipe.add_stage("a", add1, workers=1, executor="thread", batch_size=TRIVIAL_BATCH)
-    pipe.add_stage(
-        "sleep", io_stage_for(p), workers=p.io_workers, executor="thread", batch_size=IO_BATCH
-    )
-    pipe.add_stage("c", add1, workers=1, executor="thread", batch_size=TRIVIAL_BATCH)
+    pipe.add_stage("a", add1)
+    pipe.add_stage("sleep", io_stage_for(p), workers=p.io_workers)  # default batch sizing
+    pipe.add_stage("c", add1)
     return timed(lambda: sum(pipe.map(range(p.n))))
 
 
 def bench_pipekit_cpu(p: Params) -> Timed:
     """CPU workload on pipekit: one process stage with ``p.cpu_procs`` workers."""
     pipe = _new_pipeline("bench-cpu")
-    pipe.add_stage(
-        "spin", cpu_stage_for(p), workers=p.cpu_procs, executor="process", batch_size=CPU_BATCH
-    )
+    pipe.add_stage("spin", cpu_stage_for(p), workers=p.cpu_procs, executor="process")
     return timed(lambda: sum(pipe.map(range(p.n))))
 
 
@@ -129,12 +123,12 @@ PIPEKIT = "pipekit"
 
 PIPEKIT_ROWS = {
     TRIVIAL: Contender(
-        name=f"{PIPEKIT} (3 thread stages, batch {TRIVIAL_BATCH})",
+        name=f"{PIPEKIT} (3 thread stages, defaults)",
         target="core:bench_pipekit_trivial",
         goal=">=5x, >=.5 b100",
     ),
     IO: Contender(
-        name=f"{PIPEKIT} (16 thread workers, batch {IO_BATCH})",
+        name=f"{PIPEKIT} (16 thread workers, defaults)",
         target="core:bench_pipekit_io",
         goal=">=0.90x ideal",
     ),
