@@ -16,7 +16,6 @@ under one lock per batch, so totals stay exact.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 
 from pipekit._work import BatchResult, make_runner
 from pipekit.queues import ChannelClosed, Chunk
-from pipekit.stage import _BOUNDS, StageRunner, _linger_below
+from pipekit.stage import StageRunner, _linger_below
 from pipekit.stats import DeadLetter, Unprocessed
 
 __all__ = ["PullRunner", "pulls"]
@@ -211,21 +210,8 @@ class PullRunner(StageRunner):
 
     def _count(self, r: BatchResult) -> None:
         """Add a batch to the counters (the caller holds the lock)."""
-        n = r.done
-        self.batches += 1
-        self.succeeded += r.succeeded
-        self.dropped += r.dropped
-        self.retried += r.retries
-        self.failed += len(r.failures)
-        self.busy_seconds += r.busy
-        self.cpu_seconds += r.cpu
-        if n:
-            per = r.busy / n
-            self._per_item = per if not self._per_item else 0.8 * self._per_item + 0.2 * per
-            self._hist[bisect.bisect_left(_BOUNDS, per)] += n
-            self._lat_sum += r.busy
-            self._lat_count += n
-            self._lat_max = max(self._lat_max, per)
+        super()._count(r)
+        self.failed += len(r.failures)  # dead letters are sent after the lock is released
 
     def _put_down(self, chunk: Chunk) -> None:
         t0 = self._clock()

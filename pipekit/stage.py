@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -341,8 +341,6 @@ class StageRunner:
         attempts: list[int] = []
         keys: set[Hashable] = set()
         busy, held = self._busy_keys, self._held
-        key = self._key
-        assert key is not None
         ready = self._ready
         while ready and len(items) < n:
             # a released key's held items go out together, so no later batch can take
@@ -356,17 +354,7 @@ class StageRunner:
         if not ready and len(items) < n and self._held_count < self.inbox.capacity:
             chunk = self.inbox.get_batch(n - len(items))
             if chunk is not None:
-                cl, al = chunk.ctxs, chunk.attempts
-                for i, x in enumerate(chunk.items):
-                    c = cl[i] if cl is not None else None
-                    a = al[i] if al is not None else 0
-                    try:
-                        k = key(x)
-                        hash(k)
-                    except Exception as exc:
-                        self.received += 1
-                        self._fail(x, exc, a + 1)
-                        continue
+                for k, x, c, a in self._keyed(chunk):
                     if k in busy or k in held:
                         held.setdefault(k, deque()).append((x, c, a))
                         self._held_count += 1
@@ -385,6 +373,23 @@ class StageRunner:
         has_att = any(attempts)
         return Chunk(items, ctxs if has_ctx else None, attempts if has_att else None)
 
+    def _keyed(self, chunk: Chunk) -> Iterator[tuple[Hashable, Any, Any, int]]:
+        """``(key, item, ctx, attempts)`` per item; an item whose key fails is dead-lettered."""
+        key = self._key
+        assert key is not None
+        cl, al = chunk.ctxs, chunk.attempts
+        for i, x in enumerate(chunk.items):
+            c = cl[i] if cl is not None else None
+            a = al[i] if al is not None else 0
+            try:
+                k = key(x)
+                hash(k)
+            except Exception as exc:
+                self.received += 1
+                self._fail(x, exc, a + 1)
+                continue
+            yield k, x, c, a
+
     def _take_keyed_ordered(self, n: int) -> Chunk | None:
         """Form a batch for an ordered keyed stage, strictly in arrival order.
 
@@ -396,8 +401,7 @@ class StageRunner:
         ctxs: list[Any] = []
         attempts: list[int] = []
         keys: set[Hashable] = set()
-        busy, blocked, key = self._busy_keys, self._blocked, self._key
-        assert key is not None
+        busy, blocked = self._busy_keys, self._blocked
         while blocked and len(items) < n and blocked[0][0] not in busy:
             k, x, c, a = blocked.popleft()
             self._held_count -= 1
@@ -409,17 +413,7 @@ class StageRunner:
         if not blocked and len(items) < n:
             chunk = self.inbox.get_batch(n - len(items))
             if chunk is not None:
-                cl, al = chunk.ctxs, chunk.attempts
-                for i, x in enumerate(chunk.items):
-                    c = cl[i] if cl is not None else None
-                    a = al[i] if al is not None else 0
-                    try:
-                        k = key(x)
-                        hash(k)
-                    except Exception as exc:
-                        self.received += 1
-                        self._fail(x, exc, a + 1)
-                        continue
+                for k, x, c, a in self._keyed(chunk):
                     if blocked or k in busy:
                         blocked.append((k, x, c, a))
                         self._held_count += 1
@@ -496,6 +490,19 @@ class StageRunner:
         self._account(flight, result)
 
     def _account(self, flight: _Flight, r: BatchResult) -> None:
+        self._count(r)
+        for _, item, err, attempts in r.failures:
+            self._fail(item, err, attempts)
+        if self._observer is not None:
+            try:
+                self._observer.on_batch(self, r, flight.started - flight.chunk.enqueued,
+                                        flight.started, flight.chunk.ctxs)
+            except Exception:  # telemetry never breaks the pipeline
+                log.debug("telemetry observer failed", exc_info=True)
+        self._part_done(flight, r.outputs, r.out_ctxs)
+
+    def _count(self, r: BatchResult) -> None:
+        """Add a finished batch to the counters (failures count where they are handled)."""
         n = r.done
         self.batches += 1
         self.succeeded += r.succeeded
@@ -511,18 +518,6 @@ class StageRunner:
             self._lat_sum += r.busy
             self._lat_count += n
             self._lat_max = max(self._lat_max, per)
-        chunk = flight.chunk
-        for idx, item, err, attempts in r.failures:
-            self._fail(item, err, attempts, count_received=False)
-            del idx
-        del chunk
-        if self._observer is not None:
-            try:
-                self._observer.on_batch(self, r, flight.started - flight.chunk.enqueued,
-                                        flight.started, flight.chunk.ctxs)
-            except Exception:  # telemetry never breaks the pipeline
-                log.debug("telemetry observer failed", exc_info=True)
-        self._part_done(flight, r.outputs, r.out_ctxs)
 
     def _part_done(self, flight: _Flight, outputs: list[Any], ctxs: list[Any] | None) -> None:
         seq = flight.seq
