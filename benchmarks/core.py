@@ -62,13 +62,37 @@ def _pipekit() -> Any:
     return pipekit
 
 
+_TELEMETRY = False  # set by the *_telemetry contenders, each in a child of its own
+
+
 def _new_pipeline(name: str) -> Any:
-    """A pipeline with telemetry off, tolerating a core whose constructor lacks the knob."""
+    """A pipeline with telemetry off, or fully on for the ``*_telemetry`` contenders.
+
+    "On" is what an application gets from ``pipekit.otel_setup.configure()``: the SDK
+    meter provider with a Prometheus reader (collected once at the end, as a scrape
+    would), a tracer provider sampling 1 % of new traces, and the resource monitor.
+    """
     pipekit = _pipekit()
-    try:
-        return pipekit.Pipeline(name, telemetry=False)
-    except TypeError:
-        return pipekit.Pipeline(name)
+    if _TELEMETRY:
+        from pipekit import otel_setup
+
+        otel_setup.configure(sample_ratio=0.01)
+        return pipekit.Pipeline(name, telemetry=True)
+    return pipekit.Pipeline(name, telemetry=False)
+
+
+def _with_telemetry(bench: Any) -> Any:
+    def run(p: Params) -> Timed:
+        global _TELEMETRY
+        _TELEMETRY = True
+        result = bench(p)
+        from pipekit import otel_setup
+
+        otel_setup.render_metrics()  # one scrape: the collection cost is part of the run
+        return result
+
+    run.__doc__ = f"{bench.__doc__} With telemetry on."
+    return run
 
 
 def bench_pipekit_trivial(p: Params) -> Timed:
@@ -121,6 +145,17 @@ POOL_MAP = "multiprocessing.Pool.map, chunked"
 KEYED_THREADS = "hand-written threads, sharded by key"
 PIPEKIT = "pipekit"
 
+bench_pipekit_trivial_telemetry = _with_telemetry(bench_pipekit_trivial)
+bench_pipekit_io_telemetry = _with_telemetry(bench_pipekit_io)
+bench_pipekit_cpu_telemetry = _with_telemetry(bench_pipekit_cpu)
+bench_pipekit_keyed_telemetry = _with_telemetry(bench_pipekit_keyed)
+
+PIPEKIT_TELEMETRY_ROWS = {
+    w: Contender(name=f"{PIPEKIT}, telemetry on (SDK, 1% traces)",
+                 target=f"core:bench_pipekit_{w}_telemetry")
+    for w in ("trivial", "io", "cpu", "keyed")
+}
+
 PIPEKIT_ROWS = {
     TRIVIAL: Contender(
         name=f"{PIPEKIT} (3 thread stages, defaults)",
@@ -158,6 +193,7 @@ SPECS = (
                 name=TPE_CHAIN, target="baselines:bench_trivial_tpe", scale=0.2, goal="~9k/s"
             ),
             PIPEKIT_ROWS[TRIVIAL],
+            PIPEKIT_TELEMETRY_ROWS[TRIVIAL],
         ),
     ),
     WorkloadSpec(
@@ -169,6 +205,7 @@ SPECS = (
         contenders=(
             Contender(name=IO_THREADS, target="baselines:bench_io_threads"),
             PIPEKIT_ROWS[IO],
+            PIPEKIT_TELEMETRY_ROWS[IO],
         ),
     ),
     WorkloadSpec(
@@ -181,6 +218,7 @@ SPECS = (
             Contender(name=SERIAL, target="baselines:bench_cpu_serial"),
             Contender(name=POOL_MAP, target="baselines:bench_cpu_pool"),
             PIPEKIT_ROWS[CPU],
+            PIPEKIT_TELEMETRY_ROWS[CPU],
         ),
     ),
 )

@@ -454,6 +454,7 @@ SPECS = (
                 scale=0.2,
             ),
             core.PIPEKIT_ROWS[TRIVIAL],
+            core.PIPEKIT_TELEMETRY_ROWS[TRIVIAL],
         ),
     ),
     WorkloadSpec(
@@ -471,6 +472,7 @@ SPECS = (
             Contender(name=f"{DASK_MAP}, 2x8 threads, 64 chunks", target="peers:bench_dask_map_io"),
             Contender(name=f"{DASK_BAG}, 2x8 threads, 64 parts", target="peers:bench_dask_bag_io"),
             core.PIPEKIT_ROWS[IO],
+            core.PIPEKIT_TELEMETRY_ROWS[IO],
         ),
     ),
     WorkloadSpec(
@@ -489,6 +491,7 @@ SPECS = (
             Contender(name=f"{DASK_MAP}, 2x1, 16 chunks", target="peers:bench_dask_map_cpu"),
             Contender(name=f"{DASK_BAG}, 2x1, 16 parts", target="peers:bench_dask_bag_cpu"),
             core.PIPEKIT_ROWS[CPU],
+            core.PIPEKIT_TELEMETRY_ROWS[CPU],
         ),
     ),
     WorkloadSpec(
@@ -516,6 +519,7 @@ SPECS = (
             Contender(name=f"{DASK_MAP}, 2x4, 64 chunks", target="peers:bench_dask_map_keyed"),
             Contender(name=f"{DASK_BAG}, 2x4, 64 parts", target="peers:bench_dask_bag_keyed"),
             core.PIPEKIT_ROWS[KEYED],
+            core.PIPEKIT_TELEMETRY_ROWS[KEYED],
         ),
     ),
 )
