@@ -23,6 +23,7 @@ import itertools
 import logging
 import pickle
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -36,6 +37,8 @@ __all__ = ["ProcessPool", "StagePool", "ThreadPool", "make_pool"]
 log = logging.getLogger("pipekit.executors")
 
 _STOP = object()
+# Pauses before each try of a process pool submit that failed to start a worker.
+_SUBMIT_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class ThreadPool(Executor):
@@ -280,14 +283,35 @@ class ProcessPool(StagePool):
 
     def submit(self, items: list[Any], ctxs: list[Any] | None, attempts: list[int] | None,
                progress: Progress | None) -> Future[BatchResult | None]:
-        with self._lock:
-            pool = self._pool
-        try:
-            return pool.submit(run_installed, self._key, items, ctxs, attempts)
-        except Exception as exc:  # a broken pool refuses submits: report it as a loss
-            fut: Future[BatchResult | None] = Future()
-            fut.set_exception(exc)
-            return fut
+        from concurrent.futures.process import BrokenProcessPool
+
+        error: BaseException | None = None
+        for pause in _SUBMIT_PAUSES:
+            if pause:
+                time.sleep(pause)
+            with self._lock:
+                pool = self._pool
+            try:
+                return pool.submit(run_installed, self._key, items, ctxs, attempts)
+            except BrokenProcessPool as exc:  # the dispatcher rebuilds it and re-runs
+                error = exc
+                break
+            except Exception as exc:
+                # The pool could not start a worker process for the batch: e.g. the
+                # forkserver died (Python 3.11's dies when a client hangs up on it, which
+                # a pool breaking under a spawn can cause), or a descriptor closed under
+                # it. Not the items' fault: wait for the forkserver to come back.
+                error = exc
+                log.warning("stage %s: could not start a worker process (%s: %s); retrying",
+                            self._stage, type(exc).__name__, exc)
+        lost = error
+        if not isinstance(error, BrokenProcessPool):
+            lost = BrokenProcessPool(f"could not start a worker process for stage "
+                                     f"{self._stage!r} ({type(error).__name__}: {error})")
+            lost.__cause__ = error
+        fut: Future[BatchResult | None] = Future()
+        fut.set_exception(lost)  # a worker loss: the batch runs again on a rebuilt pool
+        return fut
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         from concurrent.futures.process import BrokenProcessPool
@@ -308,7 +332,13 @@ class ProcessPool(StagePool):
         log.warning("worker process lost; process pool rebuilt",
                     extra={"pipekit": {"event": "pool_rebuilt", "stage": self._stage,
                                        "generation": self._gen}})
-        old.shutdown(wait=False, cancel_futures=True)
+        broken = bool(getattr(old, "_broken", False))
+        procs = dict(getattr(old, "_processes", None) or {})
+        pending = list((getattr(old, "_pending_work_items", None) or {}).values())
+        # A pool that is not broken (a worker could not start) finishes what it holds.
+        old.shutdown(wait=False, cancel_futures=broken)
+        if broken:
+            _reap_broken(self._stage, procs, pending)
 
     def kill_stuck(self) -> None:
         with self._lock:
@@ -323,6 +353,27 @@ class ProcessPool(StagePool):
         if not wait:
             self.kill_stuck()
         pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _reap_broken(stage: str, procs: dict[Any, Any], pending: list[Any]) -> None:
+    """Finish off a broken process pool.
+
+    On Python 3.11 a pool breaking while ``submit`` starts a worker misses both: the
+    late worker is never stopped (its manager thread, and the interpreter at exit, wait
+    for it for ever) and the late batch's future never completes. Kill every worker
+    the pool had and fail every batch it still held, so each runs again elsewhere.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    for p in procs.values():
+        with contextlib.suppress(Exception):  # already gone
+            p.kill()
+    for item in pending:
+        fut = getattr(item, "future", None)
+        if fut is not None and not fut.done():
+            with contextlib.suppress(Exception):  # completed meanwhile
+                fut.set_exception(BrokenProcessPool(
+                    f"the process pool of stage {stage!r} broke before the batch ran"))
 
 
 def make_pool(kind: str, stage: str, work: StageWork, max_workers: int,

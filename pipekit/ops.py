@@ -92,6 +92,8 @@ _BAD_VALUE_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _PROFILE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NUMBER_RE: Final = re.compile(r"[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9}")
 _CONTENT_TYPE_RE: Final = re.compile(r"[\x20-\x7e]{1,200}")
+# a quoted string or a run of non-blanks holding a slash or a backslash: a file path
+_PATH_RE: Final = re.compile(r"""'[^']*[/\\][^']*'|"[^"]*[/\\][^"]*"|[^\s'"()]*[/\\][^\s'"()]*""")
 _BEYOND_LOOPBACK: Final = (
     "debug endpoints are disabled when the ops server listens beyond loopback "
     "without a token; set ops_token"
@@ -229,6 +231,11 @@ def _json(value: Any) -> _Response:
 def _one_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return "".join(ch for ch in line if ch.isprintable())[:limit]
+
+
+def _without_paths(text: str) -> str:
+    """Replace every file-system path in ``text`` (anything with a slash) by ``<path>``."""
+    return _PATH_RE.sub("<path>", text)
 
 
 def _wants_openmetrics(values: list[str]) -> bool:
@@ -865,10 +872,12 @@ class OpsServer:
             result = self._backend.profile(kind, seconds, rate)
         except ProfilerBusyError:
             raise _HttpError(409, "another profile is running; retry when it finishes") from None
-        except ProfilerError as err:
-            raise _HttpError(503, _one_line(str(err)) or "the profile failed") from None
-        except MissingExtraError as err:
-            raise _HttpError(503, _one_line(str(err))) from None
+        except (ProfilerError, MissingExtraError) as err:
+            # the profiler's messages name files (the profile folder, the capture, the
+            # py-spy executable): the log keeps them, the client gets the line without
+            _log.warning("ops %s profile failed: %s", kind, err)
+            raise _HttpError(503, _without_paths(_one_line(str(err))) or "the profile failed") \
+                from None
         except ConfigError as err:
             _log.warning("ops profile request rejected by the profiler: %s", err)
             raise _HttpError(

@@ -263,6 +263,10 @@ class StageRunner:
                 self._isolated.alone = True
             return sleep
         while len(self._flights) < self.workers:
+            if self.spec.ordered and self._seq - self._next_emit >= 2 * self.workers:
+                # finished batches wait for an earlier one: take no more, so a slow item
+                # holds back its stage's intake instead of piling outputs up in memory
+                return sleep
             depth = self.inbox.depth + self._ready_count() + len(self._blocked)
             if not depth:
                 return sleep

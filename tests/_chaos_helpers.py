@@ -6,9 +6,9 @@ makes items unique per run (module-level state survives between tests that share
 interpreter), ``kind`` says what :func:`chaos` does with it, ``arg`` parametrises it.
 
 Run as a script, this module is the child interpreter of the signal tests
-(:func:`child_main`): a pipeline over an endless source, served by the ops server,
-printing ``READY <ops url>`` once items flow and its ledger as one ``REPORT {json}``
-line when it stops.
+(:func:`child_main`): a pipeline over an endless source, served by the ops server on
+the port the parent chose, printing ``READY`` once items flow and its ledger as one
+``REPORT {json}`` line when it stops.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ KILL_ONCE = "kill_once"  # SIGKILLs its worker process the first time (marker fi
 KILL_ALWAYS = "kill_always"  # SIGKILLs its worker process every time
 STALL_ONCE = "stall_once"  # sleeps arg seconds on its first call in a process
 LATENCY = "latency"  # sleeps arg seconds
-HANG = "hang"  # never returns (the call is stuck)
 
 
 def new_tag() -> str:
@@ -123,10 +122,6 @@ def chaos(item: Item) -> Item:
         if first:
             time.sleep(arg)
         return item
-    if kind == HANG:
-        if threading.current_thread() is threading.main_thread():
-            time.sleep(3600)  # a process worker: only a kill ends it
-        threading.Event().wait()
     return item
 
 
@@ -153,6 +148,11 @@ def calls_recorded(folder: Path, tag: str) -> Counter[int]:
 def identity(x: Any) -> Any:
     """Return ``x``."""
     return x
+
+
+def key_mod5(item: Item) -> int:
+    """A key function: the item's index modulo 5."""
+    return item[1] % 5
 
 
 # -- accounting ----------------------------------------------------------------------
@@ -223,13 +223,13 @@ TOKEN = "chaos-token-5b1f0c"
 
 
 def child_work(x: int) -> int:
-    """The child's first stage: a little work; items from 40 on hang in ``stuck`` modes."""
+    """The child's first stage: a little work; from item 40 on, calls hang in ``stuck`` mode."""
     mode = os.environ.get("CHAOS_MODE", "")
     if mode == "stuck" and x >= 40:
         if threading.current_thread() is threading.main_thread():
             time.sleep(3600)  # a process worker: only a kill ends the call
         threading.Event().wait()
-    time.sleep(0.05 if mode == "second" else 0.002)
+    time.sleep(0.2 if mode == "second" else 0.002)
     return x
 
 
@@ -251,7 +251,7 @@ def child_main(argv: Sequence[str]) -> None:
 
     def source() -> Iterator[int]:
         for i in itertools.count():
-            if i == 60:
+            if i == 30:
                 print("READY", flush=True)
             times.append(time.monotonic())
             yield i
