@@ -252,6 +252,9 @@ def after_stop(run: Run, time_left: float = 30.0) -> None:
     ctl = run._ext.get("autoscaler")
     if ctl is not None:
         ctl.stop(2.0)
+    tel = run._ext.get("telemetry")
+    if tel is not None:
+        tel.close(min(2.0, max(0.1, time_left)))
     _stop_profiles(run, time_left)
     server = run._ext.pop("ops", None)
     if server is not None:

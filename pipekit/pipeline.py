@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import signal
 import threading
 import time
@@ -451,6 +452,9 @@ class Run:
         self._dead_lock = threading.Lock()
         self._dead_letters: list[DeadLetter] = []
         self._dead_count = 0
+        self._dead_queue: queue.SimpleQueue[DeadLetter | None] = queue.SimpleQueue()
+        self._dead_thread: threading.Thread | None = None
+        self._dead_delivering: DeadLetter | None = None
         self._submitted = 0
         self._submit_lock = threading.Lock()
         self._outputs = 0
@@ -469,6 +473,9 @@ class Run:
         self._signal_name = ""
         self._feed_error: BaseException | None = None
         self._sink_thread: threading.Thread | None = None
+        self._sink_hand: list[Any] | None = None  # the chunk the sink thread is delivering
+        self._sink_pos = 0
+        self._sink_abandoned = False
         self._hook_errors: list[tuple[str, str]] = []
         self._prev_handlers: dict[int, Any] = {}
         self._signals = 0
@@ -510,6 +517,11 @@ class Run:
                 on_finished=self._stage_finished, next_name=next_name))
         for r in self._runners:
             r.start()
+        if self._dead_cb is not None:
+            self._dead_thread = threading.Thread(target=self._dead_loop,
+                                                 name=f"pipekit-{self.name}-dead-letters",
+                                                 daemon=True)
+            self._dead_thread.start()
         if self._sink is not None:
             self._sink_thread = threading.Thread(target=self._sink_loop,
                                                  name=f"pipekit-{self.name}-sink", daemon=True)
@@ -720,19 +732,27 @@ class Run:
         out, sink = self._out, self._sink
         assert sink is not None
         while True:
-            chunk = out.get_batch(1 << 30)
+            chunk = out.get_batch(self._cfg.batch_size)
             if chunk is None:
                 if out.closed and not out.depth:
                     return
                 out.wait(0.1)
                 continue
-            for x in chunk.items:
+            items = chunk.items
+            self._sink_hand = items
+            for i, x in enumerate(items):
+                self._sink_pos = i
                 try:
                     sink(x)
                 except Exception as exc:
+                    if self._sink_abandoned:
+                        return
                     self._on_dead(DeadLetter("sink", x, exc, 1))
                 else:
+                    if self._sink_abandoned:
+                        return  # the deadline passed during this call: reported as in flight
                     self._outputs += 1
+            self._sink_hand = None
             self._last_progress = self._clock()
 
     def results(self, *, timeout: float | None = None) -> Iterator[Any]:
@@ -792,15 +812,58 @@ class Run:
             self._dead_count += 1
             if self._keep_dead:
                 self._dead_letters.append(letter)
-            cb = self._dead_cb
-            if cb is not None:
-                try:
-                    cb(letter)
-                except Exception:
-                    log.exception("dead_letter callback raised for an item of stage %s",
-                                  letter.stage)
-            elif not self._keep_dead:
-                log.warning("item failed at stage %s: %r", letter.stage, letter.error)
+        if self._dead_cb is not None:
+            # Stage threads never wait on the application's callback: a slow or stuck
+            # one cannot hold up a stage, nor its shutdown.
+            self._dead_queue.put(letter)
+        elif not self._keep_dead:
+            log.warning("item failed at stage %s: %r", letter.stage, letter.error)
+
+    def _dead_loop(self) -> None:
+        cb, q = self._dead_cb, self._dead_queue
+        assert cb is not None
+        while True:
+            letter = q.get()
+            if letter is None:
+                return
+            self._dead_delivering = letter
+            try:
+                cb(letter)
+            except Exception:
+                log.exception("dead_letter callback raised for an item of stage %s",
+                              letter.stage)
+            self._dead_delivering = None
+
+    def _finish_dead_letters(self, deadline: float) -> None:
+        """Let the callback take the dead letters still queued, until the deadline."""
+        thread = self._dead_thread
+        if thread is None:
+            return
+        self._dead_queue.put(None)
+        thread.join(max(0.0, deadline - self._clock()))
+        if thread.is_alive():
+            left = self._undelivered_dead()
+            log.error("the dead_letter callback did not take %d dead letter(s) before the "
+                      "deadline; they are in the report", len(left),
+                      extra={"pipekit": {"event": "dead_letters_undelivered",
+                                         "pipeline": self.name, "count": len(left)}})
+            with self._dead_lock:
+                if not self._keep_dead:
+                    self._dead_letters.extend(left)
+
+    def _undelivered_dead(self) -> list[DeadLetter]:
+        """Dead letters the callback had not taken (or not finished) by the deadline."""
+        left: list[DeadLetter] = []
+        current = self._dead_delivering
+        if current is not None:
+            left.append(current)
+        while True:
+            try:
+                letter = self._dead_queue.get_nowait()
+            except queue.Empty:
+                return left
+            if letter is not None:
+                left.append(letter)
 
     # -- watching ------------------------------------------------------------------------
 
@@ -941,9 +1004,10 @@ class Run:
             self._feeder.join(max(0.0, min(0.5, drain_deadline - self._clock())))
         aborted = not self._drain(drain_deadline)
         if aborted:
-            self._abort()
+            self._abort(deadline)
         for r in self._runners:
             r.pool.shutdown(wait=not aborted, timeout=max(0.0, deadline - self._clock()))
+        self._finish_dead_letters(drain_deadline)
         self._run_hooks(deadline)
         _extensions.after_stop(self, deadline - self._clock())
         self._restore_signals()
@@ -980,16 +1044,23 @@ class Run:
                     time.sleep(min(left, 0.005))  # a reader is yielding what it holds
         return True
 
-    def _abort(self) -> None:
+    def _abort(self, deadline: float | None = None) -> None:
         for r in self._runners:
             r.abort()
         for ch in self._inboxes:
             ch.close()
         self._out.close()
+        end = self._clock() + 1.0 if deadline is None else max(deadline, self._clock() + 0.05)
         for r in self._runners:
-            r.join(1.0)
+            r.join(max(0.0, end - self._clock()))
         if self._sink_thread is not None:
-            self._sink_thread.join(0.5)
+            self._sink_thread.join(max(0.0, end - self._clock()))
+            if self._sink_thread.is_alive():  # stuck in the sink: what it holds is left
+                self._sink_abandoned = True
+                hand = self._sink_hand
+                if hand is not None:
+                    self._intake_rejected.extend(
+                        Unprocessed("sink", x, "in_flight") for x in hand[self._sink_pos:])
 
     def _run_hooks(self, deadline: float) -> None:
         for spec in reversed(self.pipeline._specs):

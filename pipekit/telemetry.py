@@ -25,6 +25,8 @@ Telemetry never raises into the pipeline: callbacks log at debug level and go on
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ log = logging.getLogger("pipekit.telemetry")
 #: Distinct ``error.type`` values kept per stage; later ones are counted as ``_other``.
 ERROR_TYPES_PER_STAGE = 10
 _MAX_LINKS = 32
+_SPAN_QUEUE = 2048  # batch spans waiting for the span thread; beyond it they are dropped
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 #: Every instrument pipekit creates: (name, kind, unit, description). docs/metrics.md
@@ -204,6 +207,11 @@ class Telemetry:
         self._resources: Any = None  # a ResourceMonitor, when one runs
         self._gate: Any = None
         self._limits: dict[str, float] = {}
+        self._spans: queue.Queue[Any] = queue.Queue(maxsize=_SPAN_QUEUE)
+        self._span_thread: threading.Thread | None = None
+        self._span_lock = threading.Lock()
+        #: Batch spans dropped because the span queue was full (an exporter too slow).
+        self.spans_dropped = 0
         self._make_instruments()
 
     # -- wiring ------------------------------------------------------------------
@@ -238,9 +246,48 @@ class Telemetry:
             self._duration.record(r.busy / r.done, a)
             self._queue_wait.record(max(0.0, waited), a)
         if ctxs is not None or r.failures:
-            self._batch_span(name, r, started, ctxs)
+            # Spans are made and ended on a thread of their own: a span processor whose
+            # exporter blocks (a synchronous one, say) can never stall a stage.
+            end_ns = time.time_ns()
+            start_ns = end_ns - int((time.monotonic() - started) * 1e9)
+            try:
+                self._spans.put_nowait((name, r, start_ns, end_ns, ctxs))
+            except queue.Full:
+                self.spans_dropped += 1
+            else:
+                self._ensure_span_thread()
 
-    def _batch_span(self, stage: str, r: BatchResult, started: float,
+    def _ensure_span_thread(self) -> None:
+        if self._span_thread is None:
+            with self._span_lock:
+                if self._span_thread is None:
+                    t = threading.Thread(target=self._span_loop,
+                                         name=f"pipekit-{self.pipeline}-spans", daemon=True)
+                    t.start()
+                    self._span_thread = t
+
+    def _span_loop(self) -> None:
+        while True:
+            job = self._spans.get()
+            if job is None:
+                return
+            try:
+                self._batch_span(*job)
+            except Exception:  # telemetry never breaks the pipeline
+                log.debug("batch span failed", exc_info=True)
+
+    def close(self, timeout: float) -> None:
+        """Finish the batch spans still queued (until ``timeout``), then stop the thread."""
+        t = self._span_thread
+        if t is None:
+            return
+        try:
+            self._spans.put(None, timeout=max(0.0, timeout))
+        except queue.Full:
+            return
+        t.join(max(0.0, timeout))
+
+    def _batch_span(self, stage: str, r: BatchResult, start_ns: int, end_ns: int,
                     ctxs: list[Any] | None) -> None:
         links: list[Link] = []
         if ctxs is not None:
@@ -257,8 +304,6 @@ class Telemetry:
                         break
         if not links and not r.failures:
             return
-        end_ns = time.time_ns()
-        start_ns = end_ns - int((time.monotonic() - started) * 1e9)
         parent = None
         if len(links) == 1:  # one trace: make the batch span part of it
             parent = trace.set_span_in_context(trace.NonRecordingSpan(links[0].context))

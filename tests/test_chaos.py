@@ -368,10 +368,6 @@ def test_hung_exporters_and_a_slow_reader_do_not_stall_the_pipeline() -> None:
     assert elapsed < 20, f"3000 items took {elapsed:.1f} s behind hung exporters"
 
 
-@pytest.mark.xfail(reason="lead: batch spans are ended on the threads that run the stage "
-                          "(its pull workers or its dispatcher), so a synchronous span "
-                          "processor whose exporter blocks stalls the whole stage "
-                          "(telemetry.py Telemetry.on_batch/_batch_span)", strict=True)
 @pytest.mark.leaks_threads("the stage's threads stay blocked in the hung exporter until the "
                            "test releases it at its end")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -408,12 +404,6 @@ def test_a_synchronous_span_processor_with_a_hung_exporter_does_not_stall() -> N
 # -- user callbacks stuck past the deadline ---------------------------------------------------
 
 
-@pytest.mark.xfail(reason="lead: the dead_letter callback runs on the thread that finished "
-                          "the batch (a pull worker or the dispatcher), under the run's "
-                          "dead-letter lock; when it hangs past the shutdown deadline the "
-                          "rest of that batch (pull) or every queued and in-flight item of "
-                          "the stage (dispatcher) is missing from the report "
-                          "(pipeline.py Run._on_dead / Run._abort)", strict=True)
 @pytest.mark.leaks_threads("the stuck dead_letter callback holds a stage thread until the "
                            "test releases it")
 @pytest.mark.parametrize("ordered", [False, True], ids=["pull", "dispatcher"])
@@ -446,10 +436,6 @@ def test_a_dead_letter_callback_stuck_past_the_deadline_loses_no_item(ordered: b
     check_ledger(submitted, outs, report)
 
 
-@pytest.mark.xfail(reason="lead: Run._abort joins each stage for up to 1 s (and the sink for "
-                          "0.5 s) whatever time the deadline has left, so a stage stuck in a "
-                          "call makes shutdown overrun its deadline (pipeline.py Run._abort)",
-                   strict=True)
 @pytest.mark.leaks_threads("the stuck call is released at the end of the test")
 def test_shutdown_with_a_stuck_thread_stage_keeps_its_deadline() -> None:
     release = threading.Event()
@@ -473,10 +459,6 @@ def test_shutdown_with_a_stuck_thread_stage_keeps_its_deadline() -> None:
     assert took < 1.5, f"shutdown(timeout=1.0) took {took:.2f} s"
 
 
-@pytest.mark.xfail(reason="lead: the sink thread takes the whole output channel as one "
-                          "chunk; when the sink hangs past the deadline, the items after "
-                          "the stuck one in that chunk are missing from the report "
-                          "(pipeline.py Run._sink_loop / Run._build_report)", strict=True)
 @pytest.mark.leaks_threads("the stuck sink thread is released at the end of the test")
 def test_a_sink_stuck_past_the_deadline_loses_no_item() -> None:
     release = threading.Event()
