@@ -325,11 +325,12 @@ class Telemetry:
 
     def on_dead(self, letter: DeadLetter) -> None:
         """Count a dead letter by its (bounded) error type."""
-        per = self._errors.setdefault(letter.stage, {})
         kind = type(letter.error).__qualname__
-        if kind not in per and len(per) >= ERROR_TYPES_PER_STAGE:
-            kind = "_other"
-        per[kind] = per.get(kind, 0) + 1
+        with self._span_lock:  # failures only: stages call this from several threads
+            per = self._errors.setdefault(letter.stage, {})
+            if kind not in per and len(per) >= ERROR_TYPES_PER_STAGE:
+                kind = "_other"
+            per[kind] = per.get(kind, 0) + 1
 
     def on_decision(self, event: Any) -> None:
         """Count an autoscaler decision."""
@@ -401,7 +402,8 @@ class Telemetry:
             a = self.attrs(s.name)
             yield Observation(s.succeeded - s.dropped, {**a, "outcome": "ok"})
             yield Observation(s.dropped, {**a, "outcome": "dropped"})
-            per = dict(self._errors.get(s.name, {}))
+            with self._span_lock:
+                per = dict(self._errors.get(s.name, {}))
             counted = sum(per.values())
             if s.failed > counted:  # failures the dead-letter hook has not seen yet
                 per["_other"] = per.get("_other", 0) + s.failed - counted
