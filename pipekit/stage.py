@@ -368,14 +368,19 @@ class StageRunner:
                         ctxs.append(c)
                         attempts.append(a)
                         keys.add(k)
+        return self._reserve(items, ctxs, attempts, keys)
+
+    def _reserve(self, items: list[Any], ctxs: list[Any], attempts: list[int],
+                 keys: set[Hashable]) -> Chunk | None:
+        """Mark a keyed batch's keys busy under the next sequence number; the batch."""
         if not items:
             return None
+        busy = self._busy_keys
         for k in keys:
             busy[k] = busy.get(k, 0) + 1
         self._seq_keys[self._seq] = keys
-        has_ctx = any(c is not None for c in ctxs)
-        has_att = any(attempts)
-        return Chunk(items, ctxs if has_ctx else None, attempts if has_att else None)
+        return Chunk(items, ctxs if any(c is not None for c in ctxs) else None,
+                     attempts if any(attempts) else None)
 
     def _keyed(self, chunk: Chunk) -> Iterator[tuple[Hashable, Any, Any, int]]:
         """``(key, item, ctx, attempts)`` per item; an item whose key fails is dead-lettered."""
@@ -427,13 +432,7 @@ class StageRunner:
                         ctxs.append(c)
                         attempts.append(a)
                         keys.add(k)
-        if not items:
-            return None
-        for k in keys:
-            busy[k] = busy.get(k, 0) + 1
-        self._seq_keys[self._seq] = keys
-        return Chunk(items, ctxs if any(c is not None for c in ctxs) else None,
-                     attempts if any(attempts) else None)
+        return self._reserve(items, ctxs, attempts, keys)
 
     def _ready_count(self) -> int:
         return sum(len(g) for _, g in self._ready) if self._ready else 0
