@@ -480,7 +480,6 @@ class Run:
         self._prev_handlers: dict[int, Any] = {}
         self._signals = 0
         self._started_at = 0.0
-        self._last_progress = 0.0
         self.ops_url: str | None = None
         self._ext: dict[str, Any] = {}  # telemetry, resources, ops, profiler, autoscaler
         self._dead_hooks: list[Callable[[DeadLetter], Any]] = []
@@ -526,7 +525,7 @@ class Run:
             self._sink_thread = threading.Thread(target=self._sink_loop,
                                                  name=f"pipekit-{self.name}-sink", daemon=True)
             self._sink_thread.start()
-        self._started_at = self._last_progress = self._clock()
+        self._started_at = self._clock()
         if handle_signals:
             self._install_signals()
         try:
@@ -753,7 +752,6 @@ class Run:
                         return  # the deadline passed during this call: reported as in flight
                     self._outputs += 1
             self._sink_hand = None
-            self._last_progress = self._clock()
 
     def results(self, *, timeout: float | None = None) -> Iterator[Any]:
         """Yield outputs as they come, until the run has finished and all were read.
@@ -778,7 +776,6 @@ class Run:
                     if not out.wait(timeout) and not out.closed:
                         return
                     continue
-                self._last_progress = self._clock()
                 items = chunk.items
                 with self._submit_lock:
                     self._in_hand += len(items)

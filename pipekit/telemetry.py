@@ -209,7 +209,7 @@ class Telemetry:
         self._limits: dict[str, float] = {}
         self._spans: queue.Queue[Any] = queue.Queue(maxsize=_SPAN_QUEUE)
         self._span_thread: threading.Thread | None = None
-        self._span_lock = threading.Lock()
+        self._lock = threading.Lock()  # the span thread's start, and error-type counts
         #: Batch spans dropped because the span queue was full (an exporter too slow).
         self.spans_dropped = 0
         self._make_instruments()
@@ -259,7 +259,7 @@ class Telemetry:
 
     def _ensure_span_thread(self) -> None:
         if self._span_thread is None:
-            with self._span_lock:
+            with self._lock:
                 if self._span_thread is None:
                     t = threading.Thread(target=self._span_loop,
                                          name=f"pipekit-{self.pipeline}-spans", daemon=True)
@@ -326,7 +326,7 @@ class Telemetry:
     def on_dead(self, letter: DeadLetter) -> None:
         """Count a dead letter by its (bounded) error type."""
         kind = type(letter.error).__qualname__
-        with self._span_lock:  # failures only: stages call this from several threads
+        with self._lock:  # failures only: stages call this from several threads
             per = self._errors.setdefault(letter.stage, {})
             if kind not in per and len(per) >= ERROR_TYPES_PER_STAGE:
                 kind = "_other"
@@ -402,7 +402,7 @@ class Telemetry:
             a = self.attrs(s.name)
             yield Observation(s.succeeded - s.dropped, {**a, "outcome": "ok"})
             yield Observation(s.dropped, {**a, "outcome": "dropped"})
-            with self._span_lock:
+            with self._lock:
                 per = dict(self._errors.get(s.name, {}))
             counted = sum(per.values())
             if s.failed > counted:  # failures the dead-letter hook has not seen yet
